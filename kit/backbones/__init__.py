@@ -1,0 +1,145 @@
+"""One door to every pretrained audio backbone: ``kit.backbones.load(name, checkpoint, **options)``.
+
+Each backbone lives in its own file (``beats.py``, ``eat.py``, ``fisher.py``) holding its config,
+layers, front-end and checkpoint loader, and answers the same small interface (:class:`Backbone`):
+
+- ``model(waves [B, T] float at 16 kHz, lengths [B] samples) -> (tokens [B, N, D], padding_mask [B, N])``
+  where ``padding_mask`` is True on tokens that come only from padding;
+- ``model.frontend(waves, lengths) -> (features, feature_lengths)``: the backbone's own input features;
+- ``model.embed_dim``: D; ``model.blocks``: the transformer blocks (``nn.ModuleList``), for partial
+  fine-tuning; ``model.lora_target_modules``: a regular expression for peft that matches the
+  attention projections of the blocks only; ``model.pretrained``: whether released weights are in use;
+- ``model.set_gradient_checkpointing(flag)``.
+
+Training and scoring code use only this interface and never branch on a backbone's name.
+
+``checkpoint`` is a local path (file or folder), a Hugging Face repo id (``owner/name``) or an
+``http(s)://`` URL; remote ones are fetched into a cache folder. With ``checkpoint=None`` a small named
+configuration of the same architecture is built from random initialisation (``config=...``), and a
+warning says plainly that no pretrained weights are in use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BACKBONES = ("beats", "eat", "fisher")
+DEFAULT_CACHE = Path(os.environ.get("KIT_CACHE", Path.home() / ".cache" / "dcase2026-kit"))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: wrong backbone, corrupt file, missing/unexpected keys."""
+
+
+class Backbone(nn.Module):
+    """Common base of the backbones. Subclasses set the attributes below and implement
+    ``frontend`` and ``forward``."""
+
+    name: str = ""
+    embed_dim: int = 0
+    lora_target_modules: str = ""
+    pretrained: bool = False
+    sample_rate: int = 16000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = bool(enabled)
+
+    def frontend(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
+        raise NotImplementedError
+
+
+def _module(name: str):
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}: expected one of {', '.join(BACKBONES)}")
+    return importlib.import_module(f"kit.backbones.{name}")
+
+
+def configs(name: str) -> list[str]:
+    """Names of the random-initialisation configurations a backbone offers."""
+    return sorted(_module(name).CONFIGS)
+
+
+_HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Turn a checkpoint spec into a local path: a local file/folder as is, a URL downloaded
+    (resumable) into ``cache_dir``, a Hugging Face repo id snapshot-downloaded into ``cache_dir``."""
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    text = str(spec)
+    local = Path(text).expanduser()
+    if local.exists():
+        return local
+    if text.startswith(("http://", "https://")):
+        from kit.download import fetch
+
+        target = cache / "urls" / Path(text.split("?")[0]).name
+        try:
+            return fetch(text, target)
+        except OSError as err:
+            raise CheckpointError(f"cannot download checkpoint {text} (offline?): {err}") from err
+    if _HF_REPO.match(text) and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=text, cache_dir=str(cache / "hf")))
+        except Exception as err:  # huggingface_hub raises several kinds when offline
+            raise CheckpointError(
+                f"cannot fetch Hugging Face repo {text!r} (offline, or no such repo?): {err}. "
+                "Download the checkpoint elsewhere and pass its local path."
+            ) from err
+    raise CheckpointError(f"checkpoint {text!r} is neither an existing path, a URL nor a Hugging Face repo id")
+
+
+def load(
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    config: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **options,
+) -> Backbone:
+    """Build backbone ``name`` (``beats``, ``eat`` or ``fisher``).
+
+    With a ``checkpoint`` the released weights are loaded exactly (strict key check); without one,
+    the named random-initialisation ``config`` (default: the module's small CPU configuration) is
+    built and a warning says that no pretrained weights are in use. ``options`` are backbone
+    specific (EAT: ``target_length``; FISHER: ``pad_to``).
+    """
+    module = _module(name)
+    if checkpoint is None:
+        config = config or module.DEFAULT_CONFIG
+        if config not in module.CONFIGS:
+            raise ValueError(f"unknown {name} config {config!r}: expected one of {', '.join(sorted(module.CONFIGS))}")
+        warnings.warn(
+            f"{name}: no checkpoint given, building the '{config}' configuration from random initialisation "
+            "- NO PRETRAINED WEIGHTS ARE IN USE",
+            stacklevel=2,
+        )
+        model = module.build(config, **options)
+        model.pretrained = False
+        return model
+    path = resolve_checkpoint(checkpoint, cache_dir)
+    model = module.from_checkpoint(path, **options)
+    model.pretrained = True
+    return model
+
+
+def lora_targets(model: Backbone) -> list[str]:
+    """Names of the modules that ``model.lora_target_modules`` selects (for inspection and tests)."""
+    pattern = re.compile(model.lora_target_modules)
+    return [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
