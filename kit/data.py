@@ -1,0 +1,719 @@
+"""The data stage: dataset index, audio loading (near/far), length policies and proxy-task labels.
+
+Everything downstream starts from the **index**, a DataFrame with one row per WAV clip, built by
+walking the official layout (``<root>/{dev,eval}_data/raw/<machine>/{train,test}/*.wav``). It reads
+the 2026 stereo release and the mono 2023-2025 releases alike: the file names follow one scheme::
+
+    section_<XX>_<source|target>_<train|test>_<normal|anomaly>_<NNNN>_<attr>.wav
+    section_<XX>_<NNNN>.wav          (evaluation test clips, labels hidden)
+
+Index columns (a contract every other module relies on), see ``INDEX_COLUMNS``:
+``path`` (absolute), ``file_name``, ``dataset`` (dev/eval), ``machine``, ``section`` ("00"),
+``split`` (train/test), ``domain`` (source/target/unknown), ``label`` (normal/anomaly/unknown),
+``attributes`` (the ``<attr>`` part of the name, "" when hidden), ``attribute_dict`` (JSON object),
+``duration`` (s), ``channels``, ``sample_rate``.
+
+Attribute strings are ``key_value`` pairs (``car_C2_spd_5_mic_2_mic_1``); ``noAttribute`` means
+none. A key repeated in one name is kept in order and numbered from its second occurrence:
+``mic``, ``mic_2``, ``mic_3`` (a suffixed key cannot collide with a real key, because real keys
+never contain ``_``). Keys start with a letter and may hold letters, digits and ``-`` (real keys
+include ``v1pat`` and ``m-n``). The ``attributes_XX.csv`` files beside each machine's folders are
+the organisers' declaration: their values must agree with the names, and they fill in the
+attributes of clips whose names carry none.
+
+Channels: 2026 clips are stereo, channel 0 = ``near`` microphone, channel 1 = ``far`` microphone.
+A mono clip (earlier years) only has ``near``. ``ClipDataset`` streams clips from disk, one item
+per (clip, channel), which is how the EAT-ASP system doubles its training data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+import torchaudio.functional as audio_functional
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from kit.files import atomic_path
+
+INDEX_COLUMNS = (
+    "path",
+    "file_name",
+    "dataset",
+    "machine",
+    "section",
+    "split",
+    "domain",
+    "label",
+    "attributes",
+    "attribute_dict",
+    "duration",
+    "channels",
+    "sample_rate",
+)
+DATASET_FOLDERS = {"dev": "dev_data", "eval": "eval_data"}
+SPLITS = ("train", "test")
+CHANNEL_INDEX = {"near": 0, "far": 1}
+SAMPLE_RATE = 16000
+NO_ATTRIBUTE = "noAttribute"
+
+FULL_NAME = re.compile(
+    r"section_(?P<section>\d{2})_(?P<domain>source|target)_(?P<split>train|test)_"
+    r"(?P<label>normal|anomaly)_(?P<number>\d+)_(?P<attributes>.+)\.wav"
+)
+HIDDEN_NAME = re.compile(r"section_(?P<section>\d{2})_(?P<number>\d+)\.wav")
+NAMING_HELP = (
+    "section_<XX>_<source|target>_<train|test>_<normal|anomaly>_<NNNN>_<attr>.wav "
+    "(or section_<XX>_<NNNN>.wav for hidden evaluation test clips)"
+)
+ATTRIBUTE_KEY = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+
+
+class DatasetError(ValueError):
+    """The data on disk (layout, file name, attribute table, audio) is not what the task defines."""
+
+
+# ----------------------------------------------------------------------------------------------
+# File names and attributes
+
+
+def parse_file_name(file_name: str) -> dict[str, str]:
+    """Split an official clip name into section, domain, split, label and attribute string.
+
+    Hidden evaluation test names (``section_00_0000.wav``) give split "test", domain and label
+    "unknown" and attributes "". Raises ``DatasetError`` for any other name.
+    """
+    match = FULL_NAME.fullmatch(file_name)
+    if match:
+        return {key: match[key] for key in ("section", "domain", "split", "label", "attributes")}
+    match = HIDDEN_NAME.fullmatch(file_name)
+    if match:
+        return {
+            "section": match["section"],
+            "domain": "unknown",
+            "split": "test",
+            "label": "unknown",
+            "attributes": "",
+        }
+    raise DatasetError(f"file name {file_name!r} does not follow the official naming: expected {NAMING_HELP}")
+
+
+def _attribute_pairs(attributes: str) -> list[tuple[str, str]]:
+    """``car_C2_spd_5`` -> [("car", "C2"), ("spd", "5")]; ``noAttribute`` and "" -> []."""
+    if attributes in ("", NO_ATTRIBUTE):
+        return []
+    tokens = attributes.split("_")
+    keys, values = tokens[0::2], tokens[1::2]
+    if len(keys) != len(values) or not all(ATTRIBUTE_KEY.fullmatch(k) for k in keys) or "" in values:
+        raise DatasetError(
+            f"attribute string {attributes!r} is not a sequence of key_value pairs "
+            "(expected e.g. 'spd_1' or 'car_C2_spd_5_mic_2_mic_1', or 'noAttribute')"
+        )
+    return list(zip(keys, values))
+
+
+def _pairs_to_dict(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Keep pairs in order; the n-th occurrence (n >= 2) of a key is stored as ``<key>_<n>``."""
+    result: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for key, value in pairs:
+        seen[key] = seen.get(key, 0) + 1
+        result[key if seen[key] == 1 else f"{key}_{seen[key]}"] = value
+    return result
+
+
+def parse_attributes(attributes: str) -> dict[str, str]:
+    """Parse an attribute string into an ordered dict (repeated keys numbered ``mic``, ``mic_2``)."""
+    return _pairs_to_dict(_attribute_pairs(attributes))
+
+
+def read_attribute_table(csv_path: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
+    """Read an ``attributes_XX.csv``: {clip file name: [(key, value), ...]}.
+
+    Accepts the earlier years' ``file_name,d1p,d1v,d2p,d2v,...`` and the 2026 listing alike: a
+    header row, the file name (optionally prefixed ``<machine>/<split>/``) in the first column,
+    then alternating key and value columns. Empty keys and ``noAttribute`` are skipped.
+    """
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row and row[0].strip()]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"attribute table {csv_path} is not a readable CSV: {err}") from err
+    if rows and not rows[0][0].strip().lower().endswith(".wav"):
+        rows = rows[1:]  # the header row
+    table = {}
+    for row in rows:
+        name = PurePosixPath(row[0].strip().replace("\\", "/")).name
+        cells = [cell.strip() for cell in row[1:]]
+        cells += [""] * (len(cells) % 2)
+        table[name] = [
+            (key, value) for key, value in zip(cells[0::2], cells[1::2]) if key and key != NO_ATTRIBUTE
+        ]
+    return table
+
+
+def _machine_attribute_table(machine_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    table: dict[str, list[tuple[str, str]]] = {}
+    for csv_path in sorted(machine_dir.glob("attributes_*.csv")):
+        table.update(read_attribute_table(csv_path))
+    return table
+
+
+def _attribute_dict(path: Path, attributes: str, table: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    """Attributes of one clip from its name, cross-checked against (or filled from) the CSV table."""
+    listed = table.get(path.name)
+    try:
+        named = _attribute_pairs(attributes)
+    except DatasetError as err:
+        if listed is None:
+            raise DatasetError(f"{path}: {err}; no attributes_XX.csv row lists this clip either") from err
+        return _pairs_to_dict(listed)
+    if listed is not None and attributes and [v for _, v in named] != [v for _, v in listed]:
+        raise DatasetError(
+            f"{path}: attributes in the file name {named} disagree with the attributes_XX.csv row {listed} "
+            f"in {path.parent.parent}"
+        )
+    return _pairs_to_dict(named if attributes else (listed or []))
+
+
+# ----------------------------------------------------------------------------------------------
+# The index
+
+
+def _machine_dirs(root: Path, datasets: Sequence[str]) -> list[tuple[str, Path]]:
+    unknown = [name for name in datasets if name not in DATASET_FOLDERS]
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}: expected a subset of {sorted(DATASET_FOLDERS)}")
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+    present = [name for name in datasets if (root / DATASET_FOLDERS[name]).is_dir()]
+    if not present:
+        wanted = ", ".join(DATASET_FOLDERS[name] for name in datasets)
+        raise DatasetError(f"dataset root {root} holds none of: {wanted}")
+    machines = []
+    for name in present:
+        raw = root / DATASET_FOLDERS[name] / "raw"
+        found = (
+            sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if raw.is_dir()
+            else []
+        )
+        if not found:
+            raise DatasetError(f"{raw} holds no machine folders: expected {raw}/<machine>/train/*.wav")
+        machines += [(name, machine_dir) for machine_dir in found]
+    return machines
+
+
+def _clip_paths(machine_dir: Path) -> list[Path]:
+    train_dir = machine_dir / "train"
+    if not train_dir.is_dir():
+        raise DatasetError(f"machine folder {machine_dir} has no 'train' folder (expected {train_dir})")
+    paths = []
+    for split in SPLITS:
+        split_dir = machine_dir / split
+        if split_dir.is_dir():
+            paths += sorted(p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() == ".wav")
+    if not any(p.parent == train_dir for p in paths):
+        raise DatasetError(f"empty section: {train_dir} holds no WAV clips")
+    return paths
+
+
+def _clip_row(dataset: str, path: Path, table: dict[str, list[tuple[str, str]]]) -> dict:
+    try:
+        fields = parse_file_name(path.name)
+    except DatasetError as err:
+        raise DatasetError(f"{path}: {err}") from err
+    if fields["split"] != path.parent.name:
+        raise DatasetError(
+            f"{path}: the name says split '{fields['split']}' but the clip is in '{path.parent.name}'"
+        )
+    attributes = _attribute_dict(path, fields["attributes"], table)
+    return {
+        "path": str(path),
+        "file_name": path.name,
+        "dataset": dataset,
+        "machine": path.parent.parent.name,
+        **fields,
+        "attribute_dict": json.dumps(attributes),
+    }
+
+
+def _probe(path: str) -> tuple[float, int, int]:
+    try:
+        info = sf.info(path)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise DatasetError(f"unreadable or corrupt WAV {path}: {err}") from err
+    if info.frames <= 0:
+        raise DatasetError(f"corrupt WAV {path}: it holds no samples")
+    return info.frames / info.samplerate, info.channels, info.samplerate
+
+
+def _check_sections(index: pd.DataFrame) -> None:
+    trained = set(
+        index.loc[index["split"] == "train", ["dataset", "machine", "section"]].itertuples(index=False)
+    )
+    for row in index.drop_duplicates(["dataset", "machine", "section"]).itertuples(index=False):
+        if (row.dataset, row.machine, row.section) not in trained:
+            raise DatasetError(
+                f"empty section: section {row.section} of {row.machine} ({row.dataset}) has test clips "
+                f"(e.g. {row.path}) but no training clips"
+            )
+
+
+def build_index(
+    root: str | os.PathLike,
+    *,
+    datasets: Sequence[str] = ("dev", "eval"),
+    probe_audio: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Walk ``<root>/{dev,eval}_data/raw/<machine>/{train,test}/*.wav`` into the index DataFrame.
+
+    Requested datasets whose folder is absent are skipped (a root with only ``dev_data`` is
+    normal); a root with none of them is an error. A machine needs a ``train`` folder; ``test`` is
+    optional (the additional training data come before the evaluation test set). With
+    ``probe_audio`` each WAV header is read for ``duration``, ``channels`` and ``sample_rate``
+    (corrupt files fail here, naming the file); without it those columns are missing values.
+    Rows are sorted by dataset, machine, section, split and file name.
+    """
+    root = Path(root).expanduser().absolute()
+    rows = []
+    for dataset, machine_dir in _machine_dirs(root, tuple(datasets)):
+        table = _machine_attribute_table(machine_dir)
+        rows += [_clip_row(dataset, path, table) for path in _clip_paths(machine_dir)]
+    index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS[:10]))
+    _check_sections(index)
+    if probe_audio:
+        probed = [
+            _probe(p)
+            for p in tqdm(index["path"], desc="reading WAV headers", unit="clip", disable=not progress)
+        ]
+        durations, channels, rates = zip(*probed)
+        index["duration"] = np.asarray(durations, dtype=np.float64)
+        index["channels"] = np.asarray(channels, dtype=np.int64)
+        index["sample_rate"] = np.asarray(rates, dtype=np.int64)
+    else:
+        index["duration"] = np.nan
+        index["channels"] = pd.array([pd.NA] * len(index), dtype="Int64")
+        index["sample_rate"] = pd.array([pd.NA] * len(index), dtype="Int64")
+    index = index.sort_values(
+        ["dataset", "machine", "section", "split", "file_name", "path"], kind="mergesort"
+    )
+    return index.reset_index(drop=True)
+
+
+def _require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{what} lacks column(s) {missing}")
+
+
+def check_index(
+    df: pd.DataFrame,
+    require_stereo: bool = True,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    allow_resample: bool = False,
+) -> None:
+    """Raise ``DatasetError`` naming the first offending clip when the audio is not usable as is:
+    a mono clip where stereo (near + far) is required, or a sample rate other than ``sample_rate``
+    when resampling is not allowed. The index must have been built with ``probe_audio=True``."""
+    _require_columns(df, INDEX_COLUMNS, "the index")
+    unprobed = df["channels"].isna() | df["sample_rate"].isna()
+    if unprobed.any():
+        raise DatasetError(
+            f"{df.loc[unprobed, 'path'].iloc[0]} has no channel count or sample rate: "
+            "build the index with probe_audio=True"
+        )
+    if require_stereo:
+        mono = df["channels"] < 2
+        if mono.any():
+            raise DatasetError(
+                f"{df.loc[mono, 'path'].iloc[0]} is mono ({int(mono.sum())} mono clip(s) in all) but stereo "
+                "near/far clips are required"
+            )
+    if not allow_resample:
+        other = df["sample_rate"] != sample_rate
+        if other.any():
+            first = df.loc[other].iloc[0]
+            raise DatasetError(
+                f"{first['path']} has sample rate {first['sample_rate']} Hz, expected {sample_rate} Hz "
+                f"({int(other.sum())} clip(s) in all; allow resampling to use them)"
+            )
+
+
+def save_index(df: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
+    """Write the index to ``<run_dir>/index.csv`` atomically and return that path."""
+    _require_columns(df, INDEX_COLUMNS, "the index to save")
+    path = Path(run_dir) / "index.csv"
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
+def load_index(path: str | os.PathLike) -> pd.DataFrame:
+    """Read an index saved by ``save_index`` (a CSV path, or the run folder holding ``index.csv``).
+
+    Text columns come back as strings ("00" stays "00", "" stays ""); ``duration`` as float;
+    ``channels`` and ``sample_rate`` as int64 (nullable Int64 when not probed). Extra columns
+    come back as strings.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "index.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"index file not found: {path}")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    _require_columns(df, INDEX_COLUMNS, f"index file {path}")
+    df["duration"] = pd.to_numeric(df["duration"].replace("", np.nan)).astype(np.float64)
+    for column in ("channels", "sample_rate"):
+        values = pd.to_numeric(df[column].replace("", np.nan))
+        df[column] = values.astype("Int64") if values.isna().any() else values.astype(np.int64)
+    return df
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio
+
+
+def load_audio(
+    path: str | os.PathLike, channel: str = "near", sample_rate: int | None = SAMPLE_RATE
+) -> np.ndarray:
+    """Read one clip as float32: ``near`` (channel 0) or ``far`` (channel 1) as [T], ``both`` as [2, T].
+
+    A mono clip only has ``near``. The clip is resampled to ``sample_rate`` when its rate differs
+    (``None`` keeps the file's rate).
+    """
+    if channel not in ("near", "far", "both"):
+        raise ValueError(f"unknown channel {channel!r}: expected 'near', 'far' or 'both'")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        data, file_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise DatasetError(f"unreadable or corrupt audio file {path}: {err}") from err
+    n_frames, n_channels = data.shape
+    if n_frames == 0:
+        raise DatasetError(f"corrupt audio file {path}: it holds no samples")
+    if n_channels > 2:
+        raise DatasetError(f"{path} has {n_channels} channels: expected mono or stereo (near, far)")
+    if channel != "near" and n_channels == 1:
+        raise DatasetError(
+            f"mono clip {path} has no far channel (channel={channel!r} needs a stereo near/far clip)"
+        )
+    wave = data.T if channel == "both" else data[:, CHANNEL_INDEX[channel]]
+    wave = np.ascontiguousarray(wave)
+    if not np.isfinite(wave).all():
+        raise DatasetError(f"audio file {path} holds NaN or infinite samples")
+    if sample_rate is not None and file_rate != sample_rate:
+        wave = audio_functional.resample(torch.from_numpy(wave), file_rate, sample_rate).numpy()
+    return wave.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Length policies (operate on the last axis, so [T] and [2, T] alike)
+
+
+def _check_n_samples(n_samples: int) -> int:
+    if int(n_samples) != n_samples or n_samples <= 0:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    return int(n_samples)
+
+
+def _crop_and_pad(wave: np.ndarray, start: int, n_samples: int) -> tuple[np.ndarray, int]:
+    """``wave[..., start:start + n]``, zero-padded at the end to ``n``; also the real-audio length."""
+    segment = wave[..., start : start + n_samples]
+    valid = segment.shape[-1]
+    if valid == n_samples:
+        return segment, valid
+    out = np.zeros(wave.shape[:-1] + (n_samples,), dtype=wave.dtype)
+    out[..., :valid] = segment
+    return out, valid
+
+
+def fit_length(wave: np.ndarray, n_samples: int) -> np.ndarray:
+    """Keep the first ``n_samples`` samples, zero-padding a shorter clip (the EAT-ASP 16 s input)."""
+    return _crop_and_pad(wave, 0, _check_n_samples(n_samples))[0]
+
+
+def _random_start(n_total: int, n_samples: int, rng: np.random.Generator) -> int:
+    return int(rng.integers(0, n_total - n_samples + 1)) if n_total > n_samples else 0
+
+
+def random_crop(wave: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly placed ``n_samples`` window; a shorter clip is zero-padded instead."""
+    n_samples = _check_n_samples(n_samples)
+    return _crop_and_pad(wave, _random_start(wave.shape[-1], n_samples, rng), n_samples)[0]
+
+
+def _fixed_start(n_total: int, n_samples: int, offset: int | str) -> int:
+    if offset == "center":
+        return max((n_total - n_samples) // 2, 0)
+    if isinstance(offset, str) or int(offset) != offset or offset < 0:
+        raise ValueError(f"offset must be 'center' or a non-negative sample count, got {offset!r}")
+    if offset >= n_total:
+        raise ValueError(f"offset {offset} is past the end of a {n_total}-sample clip")
+    return int(offset)
+
+
+def fixed_crop(wave: np.ndarray, n_samples: int, offset: int | str = 0) -> np.ndarray:
+    """The ``n_samples`` window starting at ``offset`` samples (or centred), zero-padded at the end."""
+    n_samples = _check_n_samples(n_samples)
+    return _crop_and_pad(wave, _fixed_start(wave.shape[-1], n_samples, offset), n_samples)[0]
+
+
+LENGTH_MODES = ("pad_or_cut", "random_crop", "fixed_crop", "none")
+
+
+@dataclass(frozen=True)
+class LengthPolicy:
+    """How a clip is brought to the model's input length.
+
+    ``pad_or_cut`` = ``fit_length`` (EAT-ASP: 16 s), ``random_crop`` (training), ``fixed_crop``
+    (``offset`` seconds from the start, or "center"), ``none`` (the clip as recorded).
+    """
+
+    mode: str = "none"
+    seconds: float | None = None
+    sample_rate: int = SAMPLE_RATE
+    offset: float | str = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in LENGTH_MODES:
+            raise ValueError(f"unknown length mode {self.mode!r}: expected one of {LENGTH_MODES}")
+        if self.mode != "none" and (self.seconds is None or not self.seconds > 0):
+            raise ValueError(f"length mode {self.mode!r} needs seconds > 0, got {self.seconds!r}")
+        if self.offset != "center" and (isinstance(self.offset, str) or not self.offset >= 0):
+            raise ValueError(f"offset must be 'center' or non-negative seconds, got {self.offset!r}")
+
+    @property
+    def n_samples(self) -> int | None:
+        return None if self.seconds is None else max(1, round(self.seconds * self.sample_rate))
+
+    def apply(self, wave: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The wave brought to length (``rng`` is needed by ``random_crop`` only)."""
+        return self.apply_with_length(wave, rng)[0]
+
+    def apply_with_length(
+        self, wave: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, int]:
+        """As ``apply``, plus how many samples of the result are real audio (the rest is padding)."""
+        n_total = wave.shape[-1]
+        if self.mode == "none":
+            return wave, n_total
+        if self.mode == "pad_or_cut":
+            start = 0
+        elif self.mode == "random_crop":
+            if rng is None:
+                raise ValueError("length mode 'random_crop' needs a numpy Generator (rng)")
+            start = _random_start(n_total, self.n_samples, rng)
+        else:
+            offset = self.offset if self.offset == "center" else round(self.offset * self.sample_rate)
+            start = _fixed_start(n_total, self.n_samples, offset)
+        return _crop_and_pad(wave, start, self.n_samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-channel items and the streaming dataset
+
+
+def _channel_tuple(channels: str | Sequence[str]) -> tuple[str, ...]:
+    channels = (channels,) if isinstance(channels, str) else tuple(channels)
+    if not channels or any(c not in CHANNEL_INDEX for c in channels) or len(set(channels)) != len(channels):
+        raise ValueError(f"channels must be distinct names from {tuple(CHANNEL_INDEX)}, got {channels!r}")
+    return channels
+
+
+def expand_channels(df: pd.DataFrame, channels: str | Sequence[str] = ("near",)) -> pd.DataFrame:
+    """One row per (clip, channel), clip-major, with columns ``channel`` and ``row`` (the clip's
+    position in ``df``). This is the frame the label builders and ``ClipDataset`` items use."""
+    channels = _channel_tuple(channels)
+    if "channel" in df.columns:
+        raise ValueError("the frame already has a 'channel' column (already expanded by channel?)")
+    rows = np.repeat(np.arange(len(df)), len(channels))
+    items = df.iloc[rows].reset_index(drop=True)
+    items["channel"] = np.tile(np.asarray(channels, dtype=object), len(df))
+    items["row"] = rows
+    return items
+
+
+def _first_mono(df: pd.DataFrame) -> str | None:
+    if "channels" not in df.columns:
+        return None
+    mono = df["channels"].fillna(2) < 2  # unprobed clips are checked when they are read
+    return str(df.loc[mono, "path"].iloc[0]) if mono.any() else None
+
+
+class ClipDataset(Dataset):
+    """Clips streamed from disk, one item per (clip, channel); nothing is cached.
+
+    Items are dicts: ``wave`` (float32 tensor [T], or [2, T] = near, far with ``pair_channels``),
+    ``length`` (samples of real audio in ``wave``), ``label`` (int, -1 when none), ``row`` (the
+    clip's position in ``index_df``) and ``channel`` ("near", "far" or "both").
+
+    ``labels`` is None, a scheme name for ``make_labels`` (classes then in ``.classes``), or an int
+    array with one code per item (aligned with ``.items``) or per clip (repeated over channels).
+    Random crops are drawn from (seed, epoch, item): call ``set_epoch`` before each epoch for
+    fresh crops; results do not depend on DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        index_df: pd.DataFrame,
+        channels: str | Sequence[str] = ("near",),
+        length: LengthPolicy | None = None,
+        labels: str | Sequence[int] | np.ndarray | None = None,
+        seed: int = 0,
+        *,
+        pair_channels: bool = False,
+        sample_rate: int = SAMPLE_RATE,
+    ):
+        channels = _channel_tuple(channels)
+        self.length = length if length is not None else LengthPolicy()
+        if self.length.mode != "none" and self.length.sample_rate != sample_rate:
+            raise ValueError(
+                f"length policy counts samples at {self.length.sample_rate} Hz "
+                f"but audio is loaded at {sample_rate} Hz"
+            )
+        if pair_channels and channels != ("near", "far"):
+            raise ValueError(
+                "pair_channels=True returns near and far together: "
+                f"pass channels=('near', 'far'), got {channels}"
+            )
+        index_df = index_df.reset_index(drop=True)
+        mono = _first_mono(index_df) if "far" in channels else None
+        if mono is not None:
+            raise DatasetError(f"mono clip {mono} has no far channel: use channels=('near',) for mono data")
+        if pair_channels:
+            self.items = index_df.assign(channel="both", row=np.arange(len(index_df)))
+        else:
+            self.items = expand_channels(index_df, channels)
+        self.labels, self.classes = self._resolve_labels(labels, len(index_df), pair_channels)
+        self.sample_rate = sample_rate
+        self.seed = seed
+        self.epoch = 0
+        self._paths = self.items["path"].astype(str).to_numpy()
+        self._channels = self.items["channel"].to_numpy()
+        self._rows = self.items["row"].to_numpy()
+
+    def _resolve_labels(self, labels, n_clips: int, pair_channels: bool) -> tuple[np.ndarray, list[str]]:
+        if labels is None:
+            return np.full(len(self.items), -1, dtype=np.int64), []
+        if isinstance(labels, str):
+            frame = self.items.drop(columns="channel") if pair_channels else self.items
+            return make_labels(frame, labels)
+        codes = np.asarray(labels)
+        if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(
+                f"labels must be a 1-D integer array, got shape {codes.shape} dtype {codes.dtype}"
+            )
+        if len(codes) == len(self.items):
+            return codes.astype(np.int64), []
+        if len(codes) == n_clips:
+            return codes[self.items["row"].to_numpy()].astype(np.int64), []
+        raise ValueError(
+            f"labels has {len(codes)} entries: "
+            f"expected one per item ({len(self.items)}) or per clip ({n_clips})"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item: int) -> dict:
+        channel = self._channels[item]
+        wave = load_audio(self._paths[item], channel=channel, sample_rate=self.sample_rate)
+        rng = np.random.default_rng([self.seed, self.epoch, item])
+        wave, valid = self.length.apply_with_length(wave, rng)
+        return {
+            "wave": torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
+            "length": int(valid),
+            "label": int(self.labels[item]),
+            "row": int(self._rows[item]),
+            "channel": str(channel),
+        }
+
+
+def collate_clips(batch: Sequence[dict]) -> dict:
+    """Stack ``ClipDataset`` items, zero-padding to the longest: waves [B, T] (or [B, 2, T]),
+    lengths [B], labels [B], rows [B] (int64 tensors) and channels (list of str)."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    shapes = {tuple(item["wave"].shape[:-1]) for item in batch}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot collate waves with different channel layouts {sorted(shapes)}")
+    max_len = max(item["wave"].shape[-1] for item in batch)
+    waves = torch.zeros((len(batch), *shapes.pop(), max_len), dtype=torch.float32)
+    for slot, item in zip(waves, batch):
+        slot[..., : item["wave"].shape[-1]] = item["wave"]
+    return {
+        "waves": waves,
+        "lengths": torch.tensor([item["length"] for item in batch], dtype=torch.int64),
+        "labels": torch.tensor([item["label"] for item in batch], dtype=torch.int64),
+        "rows": torch.tensor([item["row"] for item in batch], dtype=torch.int64),
+        "channels": [item["channel"] for item in batch],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Proxy-task labels
+
+LABEL_SCHEMES = {
+    "section": ("machine", "section"),
+    "attribute": ("machine", "section", "attributes"),
+    "composite": ("machine", "section", "attributes", "domain", "channel"),
+}
+
+
+def _labels(df: pd.DataFrame, columns: Sequence[str], scheme: str) -> tuple[np.ndarray, list[str]]:
+    """Class = the columns' values joined by '|'; classes come from the training rows only
+    (rows with ``split == 'train'``, or all rows without a ``split`` column); others get -1."""
+    _require_columns(df, columns, f"the frame for {scheme!r} labels")
+    keys = df[columns[0]].astype(str)
+    for column in columns[1:]:
+        keys = keys + "|" + df[column].astype(str)
+    train = df["split"].eq("train").to_numpy() if "split" in df.columns else np.ones(len(df), dtype=bool)
+    classes = sorted(keys[train].unique())
+    if not classes:
+        raise DatasetError(f"no training rows to define {scheme!r} classes from")
+    codes = pd.Categorical(keys, categories=classes).codes.astype(np.int64)
+    return codes, classes
+
+
+def section_labels(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """machine + section."""
+    return _labels(df, LABEL_SCHEMES["section"], "section")
+
+
+def attribute_labels(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """machine + section + attribute string."""
+    return _labels(df, LABEL_SCHEMES["attribute"], "attribute")
+
+
+def composite_labels(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """machine + section + attributes + domain + channel (the EAT-ASP label); the channel part only
+    when the frame has a ``channel`` column (see ``expand_channels``)."""
+    columns = [c for c in LABEL_SCHEMES["composite"] if c != "channel" or "channel" in df.columns]
+    return _labels(df, columns, "composite")
+
+
+def make_labels(df: pd.DataFrame, scheme: str) -> tuple[np.ndarray, list[str]]:
+    """``(codes, classes)`` for ``scheme`` in {"section", "attribute", "composite"}."""
+    builders = {"section": section_labels, "attribute": attribute_labels, "composite": composite_labels}
+    if scheme not in builders:
+        raise ValueError(f"unknown label scheme {scheme!r}: expected one of {sorted(builders)}")
+    return builders[scheme](df)

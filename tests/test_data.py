@@ -1,0 +1,600 @@
+"""Tests for kit.data: index, attributes, audio loading, length policies, ClipDataset, labels.
+
+Tiny datasets are written to tmp folders: a 2026-style stereo layout (with attributes_00.csv and
+hidden evaluation test names) and a 2023-style mono layout (earlier-year CSV, one 44.1 kHz clip).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader
+
+from kit import data
+from kit.data import DatasetError
+
+SR = 16000
+TOYCAR_ATTR = "car_C2_spd_5_mic_2_mic_1"
+
+
+def write_clip(path, seconds=0.25, channels=2, sample_rate=SR, seed=0):
+    """A float WAV whose near channel is a 440 Hz sine and far channel low-level noise."""
+    n = round(seconds * sample_rate)
+    t = np.arange(n) / sample_rate
+    near = 0.5 * np.sin(2 * np.pi * 440 * t)
+    far = 0.05 * np.random.default_rng(seed).standard_normal(n)
+    samples = np.stack([near, far], axis=1) if channels == 2 else near
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, samples.astype(np.float32), sample_rate, subtype="FLOAT")
+    return path
+
+
+def write_csv(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def stereo_root(tmp_path_factory):
+    """2026 layout: stereo 16 kHz, attributes_00.csv, hidden eval test names."""
+    root = tmp_path_factory.mktemp("dcase2026")
+    dev = root / "dev_data" / "raw"
+    toycar = dev / "ToyCarEmu"
+    write_clip(toycar / "train" / f"section_00_source_train_normal_0000_{TOYCAR_ATTR}.wav", 0.25, seed=1)
+    write_clip(
+        toycar / "train" / "section_00_target_train_normal_0000_car_C3_spd_6_mic_2_mic_1.wav", 0.3, seed=2
+    )
+    write_clip(toycar / "test" / f"section_00_source_test_anomaly_0000_{TOYCAR_ATTR}.wav", 0.25, seed=3)
+    write_csv(
+        toycar / "attributes_00.csv",
+        [
+            "file_name,key_1,value_1,key_2,value_2,key_3,value_3,key_4,value_4",
+            f"section_00_source_train_normal_0000_{TOYCAR_ATTR}.wav,car,C2,spd,5,mic,2,mic,1",
+            "section_00_target_train_normal_0000_car_C3_spd_6_mic_2_mic_1.wav,car,C3,spd,6,mic,2,mic,1",
+        ],
+    )
+    write_clip(dev / "fan" / "train" / "section_00_source_train_normal_0000_spd_1.wav", 0.2, seed=4)
+    write_clip(dev / "fan" / "test" / "section_00_target_test_normal_0000_spd_1.wav", 0.2, seed=5)
+    write_clip(
+        dev / "bearingEmu" / "train" / "section_00_source_train_normal_0000_noAttribute.wav", 0.2, seed=6
+    )
+    sander = root / "eval_data" / "raw" / "Sander"
+    write_clip(sander / "train" / "section_00_source_train_normal_0000_grit_80.wav", 0.2, seed=7)
+    write_clip(sander / "test" / "section_00_0000.wav", 0.2, seed=8)
+    write_clip(sander / "test" / "section_00_0001.wav", 0.2, seed=9)
+    write_csv(sander / "attributes_00.csv", ["file_name,d1p,d1v", "section_00_0001.wav,grit,120"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def stereo_index(stereo_root):
+    return data.build_index(stereo_root, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mono_root(tmp_path_factory):
+    """2023 layout: mono, earlier-year attribute CSV with path prefixes, one 44.1 kHz clip."""
+    root = tmp_path_factory.mktemp("dcase2023")
+    dev = root / "dev_data" / "raw"
+    write_clip(dev / "fan" / "train" / "section_00_source_train_normal_0000_m-n_W.wav", 0.2, channels=1)
+    write_csv(
+        dev / "fan" / "attributes_00.csv",
+        ["file_name,d1p,d1v,d2p,d2v", "fan/train/section_00_source_train_normal_0000_m-n_W.wav,m-n,W,,"],
+    )
+    gearbox = dev / "gearbox"
+    write_clip(gearbox / "train" / "section_00_source_train_normal_0000_volt_1.0_wt_30.wav", 0.2, channels=1)
+    write_clip(
+        gearbox / "test" / "section_00_source_test_anomaly_0000_volt_1.0_wt_30.wav",
+        0.2,
+        channels=1,
+        sample_rate=44100,
+    )
+    vacuum = root / "eval_data" / "raw" / "Vacuum"
+    write_clip(vacuum / "train" / "section_00_source_train_normal_0000_noAttribute.wav", 0.2, channels=1)
+    write_clip(vacuum / "test" / "section_00_0000.wav", 0.2, channels=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mono_index(mono_root):
+    return data.build_index(mono_root, progress=False)
+
+
+def row_of(index, file_name, machine=None):
+    rows = index[index["file_name"] == file_name]
+    if machine is not None:
+        rows = rows[rows["machine"] == machine]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Index
+
+
+def test_index_columns_and_values_stereo(stereo_root, stereo_index):
+    index = stereo_index
+    assert tuple(index.columns) == data.INDEX_COLUMNS
+    assert len(index) == 9
+    name = f"section_00_source_train_normal_0000_{TOYCAR_ATTR}.wav"
+    row = row_of(index, name)
+    assert row["path"] == str(stereo_root / "dev_data" / "raw" / "ToyCarEmu" / "train" / name)
+    assert (row["dataset"], row["machine"], row["section"], row["split"]) == (
+        "dev",
+        "ToyCarEmu",
+        "00",
+        "train",
+    )
+    assert (row["domain"], row["label"], row["attributes"]) == ("source", "normal", TOYCAR_ATTR)
+    assert json.loads(row["attribute_dict"]) == {"car": "C2", "spd": "5", "mic": "2", "mic_2": "1"}
+    assert list(json.loads(row["attribute_dict"])) == ["car", "spd", "mic", "mic_2"]
+    assert row["duration"] == pytest.approx(0.25)
+    assert (row["channels"], row["sample_rate"]) == (2, SR)
+
+    anomaly = row_of(index, f"section_00_source_test_anomaly_0000_{TOYCAR_ATTR}.wav")
+    assert (anomaly["split"], anomaly["label"], anomaly["domain"]) == ("test", "anomaly", "source")
+    target = row_of(index, "section_00_target_test_normal_0000_spd_1.wav")
+    assert (target["machine"], target["domain"], target["label"]) == ("fan", "target", "normal")
+    assert json.loads(target["attribute_dict"]) == {"spd": "1"}
+    plain = row_of(index, "section_00_source_train_normal_0000_noAttribute.wav", machine="bearingEmu")
+    assert (plain["attributes"], json.loads(plain["attribute_dict"])) == ("noAttribute", {})
+
+
+def test_index_hidden_eval_names(stereo_index):
+    hidden = stereo_index[stereo_index["file_name"].str.fullmatch(r"section_00_\d{4}\.wav")]
+    assert list(hidden["file_name"]) == ["section_00_0000.wav", "section_00_0001.wav"]
+    assert set(hidden["dataset"]) == {"eval"} and set(hidden["machine"]) == {"Sander"}
+    assert set(hidden["split"]) == {"test"}
+    assert set(hidden["domain"]) == {"unknown"} and set(hidden["label"]) == {"unknown"}
+    assert set(hidden["attributes"]) == {""}
+    # The CSV fills in the attributes a hidden name cannot carry.
+    assert [json.loads(d) for d in hidden["attribute_dict"]] == [{}, {"grit": "120"}]
+
+
+def test_index_sorted_and_deterministic(stereo_root, stereo_index):
+    keys = ["dataset", "machine", "section", "split", "file_name"]
+    assert stereo_index.equals(stereo_index.sort_values(keys).reset_index(drop=True))
+    pd.testing.assert_frame_equal(data.build_index(stereo_root, progress=False), stereo_index)
+    dev_only = data.build_index(stereo_root, datasets=("dev",), progress=False)
+    assert set(dev_only["dataset"]) == {"dev"} and len(dev_only) == 6
+
+
+def test_index_mono_2023_layout(mono_index):
+    assert tuple(mono_index.columns) == data.INDEX_COLUMNS
+    assert set(mono_index["channels"]) == {1}
+    fan = row_of(mono_index, "section_00_source_train_normal_0000_m-n_W.wav")
+    assert json.loads(fan["attribute_dict"]) == {"m-n": "W"}
+    gearbox = row_of(mono_index, "section_00_source_test_anomaly_0000_volt_1.0_wt_30.wav")
+    assert json.loads(gearbox["attribute_dict"]) == {"volt": "1.0", "wt": "30"}
+    assert gearbox["sample_rate"] == 44100
+    assert gearbox["duration"] == pytest.approx(0.2)
+    hidden = row_of(mono_index, "section_00_0000.wav")
+    assert (hidden["dataset"], hidden["domain"], hidden["label"]) == ("eval", "unknown", "unknown")
+
+
+def test_index_without_probe(stereo_root):
+    index = data.build_index(stereo_root, probe_audio=False, progress=False)
+    assert tuple(index.columns) == data.INDEX_COLUMNS
+    assert index["duration"].isna().all() and index["channels"].isna().all()
+    with pytest.raises(DatasetError, match="probe_audio=True"):
+        data.check_index(index)
+
+
+def test_check_index(stereo_index, mono_index):
+    data.check_index(stereo_index)
+    with pytest.raises(DatasetError, match=r"section_00_.*\.wav is mono"):
+        data.check_index(mono_index)
+    with pytest.raises(DatasetError, match=r"anomaly_0000_volt_1\.0_wt_30\.wav has sample rate 44100"):
+        data.check_index(mono_index, require_stereo=False)
+    data.check_index(mono_index, require_stereo=False, allow_resample=True)
+
+
+def test_save_and_load_index_roundtrip(tmp_path, stereo_root, stereo_index):
+    path = data.save_index(stereo_index, tmp_path / "run")
+    assert path == tmp_path / "run" / "index.csv"
+    assert [p.name for p in path.parent.iterdir()] == ["index.csv"]  # no temporary left behind
+    loaded = data.load_index(path)
+    pd.testing.assert_frame_equal(loaded, stereo_index)
+    assert loaded["section"].iloc[0] == "00"
+    pd.testing.assert_frame_equal(data.load_index(tmp_path / "run"), stereo_index)
+
+    unprobed = data.build_index(stereo_root, probe_audio=False, progress=False)
+    loaded = data.load_index(data.save_index(unprobed, tmp_path / "unprobed"))
+    pd.testing.assert_frame_equal(loaded, unprobed)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.load_index(tmp_path / "nowhere" / "index.csv")
+
+
+# ----------------------------------------------------------------------------------------------
+# File names and attributes
+
+
+def test_parse_attributes():
+    assert data.parse_attributes("spd_1") == {"spd": "1"}
+    assert data.parse_attributes("noAttribute") == {}
+    assert data.parse_attributes("") == {}
+    parsed = data.parse_attributes(TOYCAR_ATTR)
+    assert list(parsed.items()) == [("car", "C2"), ("spd", "5"), ("mic", "2"), ("mic_2", "1")]
+    assert data.parse_attributes("mic_1_mic_2_mic_3") == {"mic": "1", "mic_2": "2", "mic_3": "3"}
+    assert data.parse_attributes("v1pat_00_v2pat_none") == {"v1pat": "00", "v2pat": "none"}
+    for bad in ("spd", "spd_1_car", "1_2", "spd__car_1"):
+        with pytest.raises(DatasetError, match="key_value pairs"):
+            data.parse_attributes(bad)
+
+
+def test_parse_file_name():
+    fields = data.parse_file_name("section_00_target_test_anomaly_0042_pro_A.wav")
+    assert fields == {
+        "section": "00",
+        "domain": "target",
+        "split": "test",
+        "label": "anomaly",
+        "attributes": "pro_A",
+    }
+    assert data.parse_file_name("section_01_0199.wav")["domain"] == "unknown"
+    with pytest.raises(DatasetError, match=r"'normal_0000\.wav'.*section_<XX>_<source\|target>"):
+        data.parse_file_name("normal_0000.wav")
+
+
+def test_read_attribute_table_formats(tmp_path):
+    early = tmp_path / "early.csv"
+    write_csv(early, ["file_name,d1p,d1v,d2p,d2v", "fan/train/a.wav,m-n,W,,", "x/test/b.wav,noAttribute,,,"])
+    assert data.read_attribute_table(early) == {"a.wav": [("m-n", "W")], "b.wav": []}
+    headerless = tmp_path / "headerless.csv"
+    write_csv(headerless, ["c.wav,mic,2,mic,1"])
+    assert data.read_attribute_table(headerless) == {"c.wav": [("mic", "2"), ("mic", "1")]}
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x81garbage")
+    with pytest.raises(DatasetError, match="binary.csv"):
+        data.read_attribute_table(binary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad layouts and files: every error names the offending path
+
+
+def make_layout(root, files):
+    for rel in files:
+        write_clip(root / rel, 0.1)
+    return root
+
+
+TRAIN_CLIP = "dev_data/raw/fan/train/section_00_source_train_normal_0000_spd_1.wav"
+
+
+def test_missing_root_and_dataset_folders(tmp_path):
+    with pytest.raises(DatasetError, match="missing_root"):
+        data.build_index(tmp_path / "missing_root", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds none of: dev_data, eval_data"):
+        data.build_index(tmp_path / "empty", progress=False)
+    (tmp_path / "noraw" / "dev_data").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"noraw/dev_data/raw holds no machine folders"):
+        data.build_index(tmp_path / "noraw", progress=False)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.build_index(tmp_path / "empty", datasets=("train",), progress=False)
+
+
+def test_machine_without_train(tmp_path):
+    root = make_layout(tmp_path, ["dev_data/raw/fan/test/section_00_source_test_normal_0000_spd_1.wav"])
+    with pytest.raises(DatasetError, match=r"raw/fan has no 'train' folder"):
+        data.build_index(root, progress=False)
+
+
+def test_empty_train_and_empty_section(tmp_path):
+    (tmp_path / "a" / "dev_data" / "raw" / "fan" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"empty section: .*fan/train holds no WAV"):
+        data.build_index(tmp_path / "a", progress=False)
+    root = make_layout(
+        tmp_path / "b", [TRAIN_CLIP, "dev_data/raw/fan/test/section_01_source_test_normal_0000_spd_1.wav"]
+    )
+    with pytest.raises(
+        DatasetError, match=r"section 01 of fan .*section_01_source_test_normal_0000_spd_1\.wav"
+    ):
+        data.build_index(root, progress=False)
+
+
+def test_bad_file_names(tmp_path):
+    root = make_layout(tmp_path / "a", [TRAIN_CLIP, "dev_data/raw/fan/train/fan_0001.wav"])
+    with pytest.raises(DatasetError, match=r"fan/train/fan_0001\.wav.*expected section_<XX>_"):
+        data.build_index(root, progress=False)
+    root = make_layout(tmp_path / "b", [TRAIN_CLIP, "dev_data/raw/fan/train/section_00_0000.wav"])
+    with pytest.raises(DatasetError, match=r"section_00_0000\.wav: the name says split 'test'"):
+        data.build_index(root, progress=False)
+    root = make_layout(tmp_path / "c", ["dev_data/raw/fan/train/section_00_source_train_normal_0000_spd.wav"])
+    with pytest.raises(DatasetError, match=r"normal_0000_spd\.wav: attribute string 'spd'"):
+        data.build_index(root, progress=False)
+
+
+def test_attribute_csv_mismatch(tmp_path):
+    root = make_layout(tmp_path, [TRAIN_CLIP])
+    write_csv(
+        root / "dev_data/raw/fan/attributes_00.csv",
+        ["file_name,d1p,d1v", "section_00_source_train_normal_0000_spd_1.wav,spd,2"],
+    )
+    with pytest.raises(
+        DatasetError, match=r"normal_0000_spd_1\.wav: attributes in the file name .* disagree"
+    ):
+        data.build_index(root, progress=False)
+
+
+def test_attribute_csv_rescues_unusual_names(tmp_path):
+    name = "section_00_source_train_normal_0000_spd.wav"
+    root = make_layout(tmp_path, [f"dev_data/raw/fan/train/{name}"])
+    write_csv(root / "dev_data/raw/fan/attributes_00.csv", ["file_name,d1p,d1v", f"{name},spd,fast"])
+    index = data.build_index(root, progress=False)
+    assert json.loads(index["attribute_dict"].iloc[0]) == {"spd": "fast"}
+
+
+def test_corrupt_wav_in_index(tmp_path):
+    root = make_layout(tmp_path, [TRAIN_CLIP])
+    bad = root / "dev_data/raw/fan/train/section_00_source_train_normal_0001_spd_1.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio at all")
+    with pytest.raises(DatasetError, match=r"corrupt WAV .*normal_0001_spd_1\.wav"):
+        data.build_index(root, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio
+
+
+def test_load_audio_channels(stereo_index):
+    path = row_of(stereo_index, "section_00_source_train_normal_0000_spd_1.wav")["path"]
+    stored, _ = sf.read(path, dtype="float32", always_2d=True)
+    near = data.load_audio(path, "near")
+    far = data.load_audio(path, "far")
+    both = data.load_audio(path, "both")
+    assert near.dtype == far.dtype == both.dtype == np.float32
+    assert near.shape == far.shape == (3200,) and both.shape == (2, 3200)
+    np.testing.assert_array_equal(near, stored[:, 0])
+    np.testing.assert_array_equal(far, stored[:, 1])
+    np.testing.assert_array_equal(both, stored.T)
+    assert not np.allclose(near, far)
+    with pytest.raises(ValueError, match="unknown channel 'left'"):
+        data.load_audio(path, "left")
+
+
+def test_load_audio_mono(mono_index):
+    path = row_of(mono_index, "section_00_source_train_normal_0000_m-n_W.wav")["path"]
+    assert data.load_audio(path, "near").shape == (3200,)
+    for channel in ("far", "both"):
+        with pytest.raises(DatasetError, match=r"mono clip .*m-n_W\.wav has no far channel"):
+            data.load_audio(path, channel)
+
+
+def test_load_audio_resamples(tmp_path):
+    path = tmp_path / "tone.wav"
+    n = 22050  # 0.5 s at 44.1 kHz
+    sf.write(path, np.sin(2 * np.pi * 1000 * np.arange(n) / 44100).astype(np.float32), 44100, subtype="FLOAT")
+    wave = data.load_audio(path)
+    assert wave.shape == (8000,) and wave.dtype == np.float32
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    assert np.argmax(spectrum) * SR / len(wave) == pytest.approx(1000, abs=4)
+    assert data.load_audio(path, sample_rate=None).shape == (n,)
+
+
+def test_load_audio_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.wav"):
+        data.load_audio(tmp_path / "absent.wav")
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(DatasetError, match="corrupt.wav"):
+        data.load_audio(corrupt)
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.array([0.0, np.nan, 0.1], dtype=np.float32), SR, subtype="FLOAT")
+    with pytest.raises(DatasetError, match="nan.wav holds NaN"):
+        data.load_audio(nan)
+    quad = tmp_path / "quad.wav"
+    sf.write(quad, np.zeros((10, 4), dtype=np.float32), SR, subtype="FLOAT")
+    with pytest.raises(DatasetError, match="quad.wav has 4 channels"):
+        data.load_audio(quad)
+
+
+def test_load_real_mimii_clip(mimii_sample):
+    wave = data.load_audio(mimii_sample / "fan_id00" / "normal" / "00000000.wav")
+    assert wave.shape == (160000,) and wave.dtype == np.float32
+    assert np.isfinite(wave).all() and 0 < np.abs(wave).max() <= 1
+    with pytest.raises(DatasetError, match="00000000.wav has no far channel"):
+        data.load_audio(mimii_sample / "fan_id00" / "normal" / "00000000.wav", "far")
+
+
+# ----------------------------------------------------------------------------------------------
+# Length policies
+
+
+def test_fit_length():
+    wave = np.arange(1, 11, dtype=np.float32)
+    np.testing.assert_array_equal(data.fit_length(wave, 4), [1, 2, 3, 4])
+    np.testing.assert_array_equal(data.fit_length(wave, 12), list(range(1, 11)) + [0, 0])
+    stereo = np.stack([wave, -wave])
+    assert data.fit_length(stereo, 12).shape == (2, 12)
+    with pytest.raises(ValueError, match="positive integer"):
+        data.fit_length(wave, 0)
+
+
+def test_random_crop():
+    wave = np.arange(100, dtype=np.float32)
+    crop = data.random_crop(wave, 10, np.random.default_rng(3))
+    np.testing.assert_array_equal(crop, np.arange(crop[0], crop[0] + 10))
+    np.testing.assert_array_equal(crop, data.random_crop(wave, 10, np.random.default_rng(3)))
+    starts = {data.random_crop(wave, 10, np.random.default_rng(s))[0] for s in range(20)}
+    assert len(starts) > 1 and min(starts) >= 0 and max(starts) <= 90
+    padded = data.random_crop(np.arange(1, 6, dtype=np.float32), 8, np.random.default_rng(0))
+    np.testing.assert_array_equal(padded, [1, 2, 3, 4, 5, 0, 0, 0])
+    stereo = np.stack([wave, wave + 1000])
+    crop2 = data.random_crop(stereo, 10, np.random.default_rng(3))
+    np.testing.assert_array_equal(crop2[1] - crop2[0], np.full(10, 1000))  # same window on both channels
+
+
+def test_fixed_crop():
+    wave = np.arange(10, dtype=np.float32)
+    np.testing.assert_array_equal(data.fixed_crop(wave, 4), [0, 1, 2, 3])
+    np.testing.assert_array_equal(data.fixed_crop(wave, 4, offset="center"), [3, 4, 5, 6])
+    np.testing.assert_array_equal(data.fixed_crop(wave, 4, offset=8), [8, 9, 0, 0])
+    np.testing.assert_array_equal(data.fixed_crop(wave[:3], 5, offset="center"), [0, 1, 2, 0, 0])
+    with pytest.raises(ValueError, match="past the end"):
+        data.fixed_crop(wave, 4, offset=10)
+    with pytest.raises(ValueError, match="'middle'"):
+        data.fixed_crop(wave, 4, offset="middle")
+
+
+def test_length_policy():
+    wave = np.arange(32000, dtype=np.float32)  # 2 s
+    rng = np.random.default_rng(0)
+    assert data.LengthPolicy().apply(wave) is wave
+    assert data.LengthPolicy("pad_or_cut", seconds=16).apply(wave).shape == (256000,)
+    out, valid = data.LengthPolicy("pad_or_cut", seconds=16).apply_with_length(wave)
+    assert valid == 32000 and out[valid:].max() == 0
+    np.testing.assert_array_equal(data.LengthPolicy("pad_or_cut", seconds=1).apply(wave), wave[:16000])
+    crop = data.LengthPolicy("random_crop", seconds=0.5).apply(wave, rng)
+    assert crop.shape == (8000,) and crop[-1] - crop[0] == 7999
+    np.testing.assert_array_equal(
+        data.LengthPolicy("fixed_crop", seconds=1, offset=0.5).apply(wave), wave[8000:24000]
+    )
+    np.testing.assert_array_equal(
+        data.LengthPolicy("fixed_crop", seconds=1, offset="center").apply(wave), wave[8000:24000]
+    )
+    with pytest.raises(ValueError, match="needs a numpy Generator"):
+        data.LengthPolicy("random_crop", seconds=1).apply(wave)
+    with pytest.raises(ValueError, match="unknown length mode 'trim'"):
+        data.LengthPolicy("trim", seconds=1)
+    with pytest.raises(ValueError, match="needs seconds > 0"):
+        data.LengthPolicy("pad_or_cut")
+    with pytest.raises(ValueError, match="offset"):
+        data.LengthPolicy("fixed_crop", seconds=1, offset=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# ClipDataset and collate
+
+
+def test_clip_dataset_doubles_items_per_channel(stereo_index):
+    train = stereo_index[stereo_index["split"] == "train"]
+    policy = data.LengthPolicy("pad_or_cut", seconds=0.5)
+    dataset = data.ClipDataset(train, channels=("near", "far"), length=policy, labels="composite")
+    assert len(dataset) == 2 * len(train)
+    near, far = dataset[0], dataset[1]
+    assert (near["channel"], far["channel"]) == ("near", "far")
+    assert near["row"] == far["row"] == 0
+    assert near["wave"].dtype == torch.float32 and near["wave"].shape == (8000,)
+    path = train["path"].iloc[0]
+    np.testing.assert_array_equal(near["wave"].numpy(), data.fit_length(data.load_audio(path, "near"), 8000))
+    np.testing.assert_array_equal(far["wave"].numpy(), data.fit_length(data.load_audio(path, "far"), 8000))
+    assert near["length"] == round(train["duration"].iloc[0] * SR)
+    assert near["label"] != far["label"] and near["label"] >= 0
+    assert dataset.classes[near["label"]].endswith("|near")
+
+    batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=data.collate_clips)))
+    assert batch["waves"].shape == (4, 8000)
+    assert batch["rows"].tolist() == [0, 0, 1, 1]
+    assert batch["channels"] == ["near", "far", "near", "far"]
+    assert batch["labels"].dtype == torch.int64 and batch["lengths"].dtype == torch.int64
+
+
+def test_collate_pads_to_longest(stereo_index):
+    dataset = data.ClipDataset(stereo_index, labels=None)
+    assert len(dataset) == len(stereo_index)
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = data.collate_clips(items)
+    lengths = [round(d * SR) for d in stereo_index["duration"]]
+    assert batch["lengths"].tolist() == lengths
+    assert batch["waves"].shape == (len(items), max(lengths))
+    assert batch["labels"].tolist() == [-1] * len(items)
+    for wave, item in zip(batch["waves"], items):
+        n = item["wave"].shape[-1]
+        assert torch.equal(wave[:n], item["wave"])
+        assert wave[n:].abs().sum() == 0
+    with pytest.raises(ValueError, match="empty batch"):
+        data.collate_clips([])
+
+
+def test_clip_dataset_pair_channels(stereo_index):
+    dataset = data.ClipDataset(stereo_index, channels=("near", "far"), pair_channels=True, labels="section")
+    assert len(dataset) == len(stereo_index)
+    item = dataset[0]
+    assert item["channel"] == "both" and item["wave"].shape[0] == 2
+    np.testing.assert_array_equal(item["wave"].numpy(), data.load_audio(stereo_index["path"].iloc[0], "both"))
+    batch = data.collate_clips([dataset[0], dataset[1]])
+    assert batch["waves"].shape[:2] == (2, 2)
+    with pytest.raises(ValueError, match="pass channels=\\('near', 'far'\\)"):
+        data.ClipDataset(stereo_index, pair_channels=True)
+
+
+def test_clip_dataset_random_crops_are_reproducible(stereo_index):
+    policy = data.LengthPolicy("random_crop", seconds=0.05)
+    first = data.ClipDataset(stereo_index, length=policy, seed=7)
+    second = data.ClipDataset(stereo_index, length=policy, seed=7)
+    assert torch.equal(first[0]["wave"], second[0]["wave"])
+    assert first[0]["length"] == 800
+    second.set_epoch(1)
+    assert not torch.equal(first[0]["wave"], second[0]["wave"])
+
+
+def test_clip_dataset_bad_inputs(stereo_index, mono_index):
+    with pytest.raises(DatasetError, match=r"mono clip .*\.wav has no far channel"):
+        data.ClipDataset(mono_index, channels=("near", "far"))
+    with pytest.raises(ValueError, match="channels must be distinct"):
+        data.ClipDataset(stereo_index, channels=("near", "left"))
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        data.ClipDataset(stereo_index, labels=np.arange(3))
+    with pytest.raises(ValueError, match="16000 Hz"):
+        data.ClipDataset(
+            stereo_index, length=data.LengthPolicy("pad_or_cut", 1, sample_rate=16000), sample_rate=8000
+        )
+    per_clip = np.arange(len(stereo_index))
+    dataset = data.ClipDataset(stereo_index, channels=("near", "far"), labels=per_clip)
+    assert dataset.labels.tolist() == np.repeat(per_clip, 2).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels
+
+
+def label_frame():
+    return pd.DataFrame(
+        {
+            "machine": ["fan", "fan", "fan", "fan", "valve"],
+            "section": ["00"] * 5,
+            "attributes": ["spd_1", "spd_1", "spd_2", "spd_3", "noAttribute"],
+            "domain": ["source", "target", "source", "source", "source"],
+            "split": ["train", "train", "train", "test", "train"],
+        }
+    )
+
+
+def test_section_and_attribute_labels():
+    frame = label_frame()
+    codes, classes = data.section_labels(frame)
+    assert classes == ["fan|00", "valve|00"] and codes.tolist() == [0, 0, 0, 0, 1]
+    codes, classes = data.attribute_labels(frame)
+    assert classes == ["fan|00|spd_1", "fan|00|spd_2", "valve|00|noAttribute"]
+    assert codes.tolist() == [0, 0, 1, -1, 2]  # spd_3 appears only in test rows
+
+
+def test_composite_labels_distinguish_domain_and_channel():
+    frame = label_frame()
+    codes, classes = data.composite_labels(frame)
+    assert codes[0] != codes[1]  # same attributes, source vs target
+    assert "fan|00|spd_1|target" in classes and codes.dtype == np.int64
+    items = data.expand_channels(frame, ("near", "far"))
+    codes, classes = data.make_labels(items, "composite")
+    assert len(classes) == 8 and codes[0] != codes[1]
+    assert classes[codes[0]] == "fan|00|spd_1|source|near" and classes[codes[1]] == "fan|00|spd_1|source|far"
+    assert items["row"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert codes[6] == codes[7] == -1
+
+
+def test_make_labels_errors():
+    with pytest.raises(ValueError, match="unknown label scheme 'machine'"):
+        data.make_labels(label_frame(), "machine")
+    with pytest.raises(DatasetError, match="no training rows"):
+        data.make_labels(label_frame().assign(split="test"), "section")
+    with pytest.raises(DatasetError, match=r"lacks column\(s\) \['attributes'\]"):
+        data.make_labels(label_frame().drop(columns="attributes"), "attribute")
+    with pytest.raises(ValueError, match="already has a 'channel' column"):
+        data.expand_channels(data.expand_channels(label_frame()), ("near",))
