@@ -9,7 +9,8 @@ layers, front-end and checkpoint loader, and answers the same small interface (:
 - ``model.embed_dim``: D; ``model.blocks``: the transformer blocks (``nn.ModuleList``), for partial
   fine-tuning; ``model.lora_target_modules``: a regular expression for peft that matches the
   attention projections of the blocks only; ``model.pretrained``: whether released weights are in use;
-- ``model.set_gradient_checkpointing(flag)``.
+- ``model.set_gradient_checkpointing(flag)``; ``model.feature_augment``: an optional callable applied
+  to the front-end features in training mode (SpecAugment).
 
 Training and scoring code use only this interface and never branch on a backbone's name.
 
@@ -54,6 +55,15 @@ class Backbone(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = bool(enabled)
+
+    # Training code sets this to a callable ``(features, n_frames) -> features`` (SpecAugment); the
+    # backbone applies it between its front-end and its encoder, in training mode only.
+    feature_augment = None
+
+    def augment_features(self, features: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+        if self.training and self.feature_augment is not None:
+            return self.feature_augment(features, n_frames)
+        return features
 
     def frontend(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
         raise NotImplementedError

@@ -1,0 +1,146 @@
+"""Embedding extraction with an on-disk cache.
+
+Every clip of the index is embedded once per channel (near, far) by a fine-tuned embedder, streamed in
+batches of clips of similar duration (little padding; the backbones are batch invariant, so padding
+does not change a clip's embedding). Results are cached under
+``<run_dir>/embeddings/<name>-<key>/{meta.csv, emb.npy}``, where ``key`` hashes the model weights,
+the clips (path, size, modification time), the channels and the length policy: a re-run with the
+same inputs loads the cache instead of recomputing, and any change gives a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from kit import data
+from kit.files import atomic_path
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer (names, shapes, values)."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(index: pd.DataFrame, channels, length: data.LengthPolicy) -> str:
+    digest = hashlib.sha1()
+    for path in index["path"]:
+        stat = os.stat(path)
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    digest.update(json.dumps([list(channels), length.mode, length.seconds]).encode())
+    return digest.hexdigest()
+
+
+def _batches(index: pd.DataFrame, batch_size: int):
+    """Rows sorted by duration, cut into batches: similar lengths share a batch."""
+    order = np.argsort(index["duration"].to_numpy(), kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def compute_embeddings(
+    embedder: torch.nn.Module,
+    index: pd.DataFrame,
+    *,
+    channels=("near", "far"),
+    length: data.LengthPolicy | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Embed every clip of ``index`` for every channel. Returns ``(meta, emb)``: ``meta`` holds the
+    index columns plus ``channel``, one row per (clip, channel) in index order, channel-major."""
+    length = length or data.LengthPolicy(mode="none")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    embedder = embedder.to(device).eval()
+    index = index.reset_index(drop=True)
+    autocast = device.type == "cuda"
+    parts, metas = [], []
+    total = len(channels) * ((len(index) + batch_size - 1) // batch_size)
+    bar = tqdm(total=total, desc="embed", disable=not progress)
+    for channel in channels:
+        rows = index if channel == "near" else index[index["channels"] >= 2]
+        if channel == "far" and len(rows) < len(index):
+            mono = index.loc[index["channels"] < 2, "path"].iloc[0]
+            raise ValueError(f"channel 'far' requested but {mono} is mono; embed channels=('near',) for mono data")
+        out = np.zeros((len(rows), 0), dtype=np.float32)
+        for batch in _batches(rows, batch_size):
+            waves = [length.apply(data.load_audio(rows["path"].iloc[i], channel=channel), None) for i in batch]
+            lengths = torch.tensor([len(w) for w in waves])
+            padded = torch.zeros(len(waves), int(lengths.max()))
+            for j, w in enumerate(waves):
+                padded[j, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                emb = embedder(padded.to(device), lengths.to(device)).float().cpu().numpy()
+            if out.shape[1] == 0:
+                out = np.zeros((len(rows), emb.shape[1]), dtype=np.float32)
+            out[batch] = emb
+            bar.update(1)
+        if not np.isfinite(out).all():
+            bad = rows["path"].iloc[int(np.flatnonzero(~np.isfinite(out).all(1))[0])]
+            raise FloatingPointError(f"non-finite embedding for {bad} ({channel} channel)")
+        parts.append(out)
+        metas.append(rows.assign(channel=channel))
+    bar.close()
+    return pd.concat(metas, ignore_index=True), np.concatenate(parts)
+
+
+def extract(
+    embedder: torch.nn.Module,
+    index: pd.DataFrame,
+    run_dir: str | os.PathLike,
+    name: str,
+    *,
+    channels=("near", "far"),
+    length: data.LengthPolicy | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, np.ndarray, Path]:
+    """``compute_embeddings`` behind the cache. Returns ``(meta, emb, cache_folder)``."""
+    length = length or data.LengthPolicy(mode="none")
+    key = hashlib.sha1((model_fingerprint(embedder) + data_fingerprint(index, channels, length)).encode())
+    folder = Path(run_dir) / "embeddings" / f"{name}-{key.hexdigest()[:12]}"
+    if (folder / "emb.npy").exists() and (folder / "meta.csv").exists():
+        return load(folder) + (folder,)
+    meta, emb = compute_embeddings(embedder, index, channels=channels, length=length, batch_size=batch_size,
+                                   device=device, progress=progress)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        meta.to_csv(tmp / "meta.csv", index=False)
+        np.save(tmp / "emb.npy", emb)
+    return meta, emb, folder
+
+
+def load(folder: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read a cached ``(meta, emb)`` pair."""
+    folder = Path(folder)
+    for part in ("meta.csv", "emb.npy"):
+        if not (folder / part).exists():
+            raise FileNotFoundError(f"{folder / part} not found: not an embedding folder written by kit.embed")
+    meta = pd.read_csv(folder / "meta.csv", dtype={"section": str, "attributes": str}, keep_default_na=False)
+    emb = np.load(folder / "emb.npy")
+    if len(meta) != len(emb):
+        raise ValueError(f"{folder}: meta.csv has {len(meta)} rows but emb.npy has {len(emb)}")
+    return meta, emb
+
+
+def latest(run_dir: str | os.PathLike, name: str) -> Path:
+    """The most recently written embedding folder of ``name`` under ``run_dir``."""
+    found = sorted((Path(run_dir) / "embeddings").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no embeddings named {name!r} under {Path(run_dir) / 'embeddings'}: run its notebook first")
+    return found[-1]
