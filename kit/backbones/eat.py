@@ -66,7 +66,7 @@ CONFIGS: dict[str, EATConfig] = {
     "base": EATConfig(embed_dim=768, depth=12, num_heads=12),
     "large": EATConfig(embed_dim=1024, depth=24, num_heads=16),
     "cpu": EATConfig(embed_dim=192, depth=4, num_heads=4),
-    "tiny": EATConfig(embed_dim=32, depth=2, num_heads=2),  # unit tests
+    "unit": EATConfig(embed_dim=32, depth=2, num_heads=2),  # unit tests
 }
 DEFAULT_CONFIG = "cpu"
 

@@ -1,0 +1,463 @@
+"""FISHER (Fan, Jiang et al. 2025, arXiv 2507.16696): sub-band ViT over a log-magnitude STFT.
+
+FISHER is a data2vec-2.0 / EAT style image-modality encoder applied to a linear-frequency spectrum
+that is first cut into fixed-width sub-bands. Each band is encoded on its own by the same encoder and
+its CLS output is kept, so a clip gives one D-dim vector per band; their concatenation is FISHER's
+official clip embedding.
+
+Front-end (the authors' inference code), per clip, at 16 kHz:
+``wave - wave.mean()`` over the clip's valid samples, a magnitude STFT (``n_fft`` 25 ms = 400,
+hop 10 ms = 160, periodic Hann window, ``center=False``: exactly
+``torchaudio.transforms.Spectrogram(n_fft, hop_length=hop, power=1, center=False)``, computed with
+its functional form so the window is not saved in the state dict), ``log(|X| + 1e-10)``, time x freq,
+then ``(x + 3.0173) / (2 * 2.1532)``. At 16 kHz the spectrum has 201 bins: two 100-bin bands.
+
+Encoder, per band ``[T, band_width]``: a 16x16 Conv2d patch embedding (time x freq patches), tokens
+flattened time-major (``flatten='freq'``: frequency varies fastest) or freq-major (``'time'``),
+the first N rows of a fixed 2-D sin-cos position table of ``max_length x max_freq`` patches added
+(the table is indexed by token number, as the authors do, not by the patch's grid cell), a CLS token
+prepended, LayerNorm, then the blocks (post-LN in every release).
+
+Two paths, chosen by ``pad_to``; they give DIFFERENT embeddings for clips shorter than 1024 frames:
+
+- ``pad_to=None``: the FISHER README's path. The spectrum as is (cut to 1024 frames, as the README
+  does); in a zero-padded batch the padded time patches are masked as attention keys, so each clip
+  gets exactly its single-clip output.
+- ``pad_to=1024`` (or another frame count): the authors' RMIS benchmark path. The normalised
+  spectrum is zero-padded (or cut) to ``pad_to`` frames first, and the padding is attended to as
+  content, as in their code. Every clip is padded on its own, so a batch needs no mask.
+
+Checkpoints: the released ``.pt`` files, ``{"cfg": {"model": {...}}, "model": state_dict}``; the
+number of heads comes from ``cfg`` (the weights do not tell it). The release key names are mapped
+onto this module's names explicitly and checked strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kit.backbones import Backbone, CheckpointError
+
+SAMPLE_RATE = 16000
+SPEC_OFFSET = 3.017344307886898  # the authors' normalisation: (x + offset) / scale
+SPEC_SCALE = 2 * 2.1531635155379805
+LOG_FLOOR = 1e-10
+README_MAX_FRAMES = 1024  # the README cuts longer spectra to 1024 frames (10.24 s)
+
+
+@dataclass(frozen=True)
+class FisherConfig:
+    """Architecture of one FISHER model (field names follow the release ``cfg``)."""
+
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    band_width: int = 100  # frequency bins per sub-band
+    patch_size: int = 16
+    max_length: int = 128  # time patches in the position table
+    max_freq: int = 50  # frequency patches in the position table
+    flatten: str = "freq"  # 'freq': time-major token order; 'time': freq-major
+    layer_norm_first: bool = False  # False: post-LN blocks (every release)
+    norm_eps: float = 1e-6
+    norm_affine: bool = True
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.embed_dim % 4:
+            raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of 4 (2-D sin-cos positions)")
+        if self.flatten not in ("freq", "time"):
+            raise ValueError(f"flatten {self.flatten!r}: expected 'freq' or 'time'")
+        if self.band_width < self.patch_size:
+            raise ValueError(f"band_width {self.band_width} is narrower than one patch ({self.patch_size})")
+
+
+# Release sizes (ViT-tiny/-mini/-small widths, 12 blocks). Parameters without the fixed position
+# table: tiny 5.4 M, mini 9.5 M, small 21.4 M (the release note says 5.5 M to 22 M).
+CONFIGS = {
+    "tiny": FisherConfig(embed_dim=192, depth=12, num_heads=3),
+    "mini": FisherConfig(embed_dim=256, depth=12, num_heads=4),
+    "small": FisherConfig(embed_dim=384, depth=12, num_heads=6),
+    "cpu": FisherConfig(embed_dim=96, depth=4, num_heads=3),
+    "unit": FisherConfig(embed_dim=32, depth=2, num_heads=2),  # unit tests
+}
+DEFAULT_CONFIG = "cpu"
+
+
+def sincos_positions(embed_dim: int, rows: int, cols: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table ``[rows * cols, embed_dim]`` in row-major order (MAE convention:
+    the first half of the channels encodes the column index, the second half the row index)."""
+
+    def one_axis(dim: int, positions: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float32) / (dim / 2.0))
+        angles = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    col_index, row_index = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
+    table = np.concatenate([one_axis(embed_dim // 2, col_index), one_axis(embed_dim // 2, row_index)], axis=1)
+    return torch.from_numpy(table).float()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (release names ``attn.qkv/proj``)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = (
+            self.qkv(x)
+            .reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """data2vec-2.0 ``AltBlock`` (inference path: no dropout)."""
+
+    def __init__(self, config: FisherConfig) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.layer_norm_first = config.layer_norm_first
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=config.norm_affine)
+        self.attn = Attention(dim, config.num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=config.norm_affine)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        if self.layer_norm_first:
+            x = x + self.attn(self.norm1(x), attend)
+            # The reference pre-LN branch adds the MLP output to itself and drops the residual
+            # (``r = x = mlp(...); x = r + x``); a checkpoint trained that way needs the same.
+            return 2 * self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, attend))
+        return self.norm2(x + self.mlp(x))
+
+
+class Fisher(Backbone):
+    """FISHER: ``forward(waves [B, S], lengths [B]) -> (band CLS tokens [B, n_bands, D], mask [B, n_bands])``.
+
+    ``pad_to=None`` is the README path (spectrum as is, padded patches masked in a batch);
+    ``pad_to=1024`` is the RMIS benchmark path (spectrum zero-padded to 1024 frames, padding attended).
+    """
+
+    name = "fisher"
+
+    def __init__(self, config: FisherConfig, pad_to: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.embed_dim
+        self.lora_target_modules = r"blocks\.\d+\.attn\.(qkv|proj)"
+        self.n_fft = 25 * SAMPLE_RATE // 1000
+        self.hop_length = 10 * SAMPLE_RATE // 1000
+        self.n_bands = (self.n_fft // 2 + 1) // config.band_width
+        if self.n_bands == 0:
+            raise ValueError(f"band_width {config.band_width} exceeds the {self.n_fft // 2 + 1} STFT bins")
+        self.freq_patches = config.band_width // config.patch_size
+        self.pad_to = self._checked_pad_to(pad_to)
+
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
+        dim = config.embed_dim
+        self.patch_embed = nn.Conv2d(1, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
+        self.register_buffer("positions", sincos_positions(dim, config.max_length, config.max_freq)[None])
+        norm = lambda: nn.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=config.norm_affine)
+        # Post-LN models normalise the tokens before the blocks, pre-LN models after them.
+        self.pre_norm = None if config.layer_norm_first else norm()
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.norm = norm() if config.layer_norm_first else None
+        self._init_weights()
+
+    def _checked_pad_to(self, pad_to: int | None) -> int | None:
+        frames = README_MAX_FRAMES if pad_to is None else pad_to
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"pad_to {pad_to!r}: expected None or a positive number of frames (e.g. 1024)")
+        tokens = frames // self.config.patch_size * self.freq_patches
+        table = self.config.max_length * self.config.max_freq
+        if tokens > table:
+            raise ValueError(
+                f"pad_to {pad_to} gives {tokens} patches per band, more than the {table} positions"
+            )
+        return pad_to
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)  # as MAE; trunc_normal_ is slow on CPU
+                nn.init.zeros_(module.bias)
+        # As the authors: Xavier on the flattened patch kernel, a unit-normal CLS token.
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.embed_dim, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cls_token)
+
+    def _checked_input(self, waves: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.is_tensor(waves) or waves.dim() != 2:
+            shape = tuple(waves.shape) if torch.is_tensor(waves) else type(waves).__name__
+            raise ValueError(f"FISHER expects waves of shape [batch, samples] at 16 kHz, got {shape}")
+        if not torch.isfinite(waves).all():
+            raise ValueError("FISHER input waves contain NaN or infinite samples")
+        batch, samples = waves.shape
+        if lengths is None:
+            lengths = torch.full((batch,), samples, dtype=torch.long, device=waves.device)
+        lengths = torch.as_tensor(lengths, device=waves.device).long()
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
+        if (lengths > samples).any():
+            raise ValueError(f"lengths {lengths.tolist()} exceed the {samples} samples of the waves")
+        if (lengths < self.n_fft).any():
+            raise ValueError(
+                f"lengths {lengths.tolist()}: every clip needs at least {self.n_fft} samples "
+                f"(one {self.n_fft * 1000 // SAMPLE_RATE} ms STFT window)"
+            )
+        return waves.float(), lengths
+
+    def frontend(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised log-magnitude spectrum ``[B, T, 201]`` and each clip's frame count ``[B]``.
+
+        Frames past a clip's own count (those that touch padding) are zero."""
+        waves, lengths = self._checked_input(waves, lengths)
+        valid = torch.arange(waves.shape[1], device=waves.device) < lengths[:, None]
+        mean = (waves * valid).sum(1, keepdim=True) / lengths[:, None]
+        centred = torch.where(valid, waves - mean, 0.0)
+        magnitude = torchaudio.functional.spectrogram(
+            centred,
+            pad=0,
+            window=self.window.float(),  # stays float32 when the model is cast to half precision
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.n_fft,
+            power=1.0,
+            normalized=False,
+            center=False,
+        )
+        spec = (torch.log(magnitude + LOG_FLOOR).transpose(1, 2) + SPEC_OFFSET) / SPEC_SCALE
+        frames = (lengths - self.n_fft) // self.hop_length + 1
+        past_end = torch.arange(spec.shape[1], device=spec.device) >= frames[:, None]
+        return spec.masked_fill(past_end[:, :, None], 0.0), frames
+
+    def _fit_frames(self, spec: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the chosen path: README cut, or pad/cut to ``pad_to`` with the padding kept as content."""
+        if self.pad_to is None:
+            return spec[:, :README_MAX_FRAMES], frames.clamp(max=README_MAX_FRAMES)
+        spec = F.pad(spec, (0, 0, 0, max(0, self.pad_to - spec.shape[1])))[:, : self.pad_to]
+        return spec, torch.full_like(frames, self.pad_to)
+
+    def _band_patches(self, spec: torch.Tensor) -> torch.Tensor:
+        """``[B, T, F]`` -> patch tokens ``[B * n_bands, N, D]``, bands folded into the batch (clip-major)."""
+        batch, frames, _ = spec.shape
+        width = self.config.band_width
+        bands = spec[:, :, : self.n_bands * width].reshape(batch, frames, self.n_bands, width)
+        bands = bands.permute(0, 2, 1, 3).reshape(batch * self.n_bands, 1, frames, width)
+        grid = self.patch_embed(bands.to(self.patch_embed.weight.dtype))  # [B * n_bands, D, T/p, F/p]
+        if self.config.flatten == "time":
+            grid = grid.transpose(-2, -1)
+        return grid.flatten(2).transpose(1, 2)
+
+    def _attention_mask(self, frames: torch.Tensor, time_patches: int) -> torch.Tensor | None:
+        """Boolean key mask ``[B * n_bands, 1, 1, 1 + N]`` (True = attend), or None when nothing is padded.
+
+        A time patch counts only if all its frames are the clip's own, as a single-clip run would
+        drop a partial last patch."""
+        own_patches = frames // self.config.patch_size
+        if bool((own_patches >= time_patches).all()):
+            return None
+        time_valid = torch.arange(time_patches, device=frames.device) < own_patches[:, None]
+        token_valid = time_valid[:, :, None].expand(-1, -1, self.freq_patches)
+        if self.config.flatten == "time":
+            token_valid = token_valid.transpose(1, 2)
+        token_valid = F.pad(token_valid.flatten(1), (1, 0), value=True)  # the CLS token
+        return token_valid.repeat_interleave(self.n_bands, dim=0)[:, None, None, :]
+
+    def encode(self, spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Per-band CLS outputs ``[B, n_bands, D]`` of a (path-fitted) spectrum ``[B, T, F]``."""
+        batch = spec.shape[0]
+        x = self._band_patches(spec)
+        tokens = x.shape[1]
+        if tokens > self.positions.shape[1]:
+            raise ValueError(
+                f"{spec.shape[1]} frames give {tokens} patches per band, more than the "
+                f"{self.positions.shape[1]} positions of this model"
+            )
+        x = x + self.positions[:, :tokens].to(x.dtype)
+        x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        attend = self._attention_mask(frames, spec.shape[1] // self.config.patch_size)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attend, use_reentrant=False)
+            else:
+                x = block(x, attend)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x[:, 0].reshape(batch, self.n_bands, self.embed_dim)
+
+    def forward(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        spec, frames = self._fit_frames(*self.frontend(waves, lengths))
+        spec = self.augment_features(spec, frames)
+        tokens = self.encode(spec, frames)
+        return tokens, torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+    def embedding(self, waves: torch.Tensor, lengths=None) -> torch.Tensor:
+        """FISHER's official clip embedding: the band CLS outputs concatenated, ``[B, n_bands * D]``."""
+        return self(waves, lengths)[0].flatten(1)
+
+
+def build(config_name: str, pad_to: int | None = None, **options) -> Fisher:
+    """Random-initialised FISHER of a named size; ``options`` override :class:`FisherConfig` fields."""
+    if config_name not in CONFIGS:
+        raise ValueError(
+            f"unknown FISHER config {config_name!r}: expected one of {', '.join(sorted(CONFIGS))}"
+        )
+    fields = {f.name for f in dataclasses.fields(FisherConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown FISHER option(s) {unknown}: expected pad_to or one of {sorted(fields)}")
+    return Fisher(dataclasses.replace(CONFIGS[config_name], **options), pad_to=pad_to)
+
+
+# Release name prefix -> this module's name prefix.
+_RELEASE_NAMES = (
+    ("modality_encoders.IMAGE.local_encoder.proj.", "patch_embed."),
+    ("modality_encoders.IMAGE.extra_tokens", "cls_token"),
+    ("modality_encoders.IMAGE.fixed_positional_encoder.positions", "positions"),
+    ("modality_encoders.IMAGE.context_encoder.norm.", "pre_norm."),
+    ("blocks.", "blocks."),
+    ("norm.", "norm."),
+)
+
+
+def _rename(key: str, source: int, target: int) -> str | None:
+    for names in _RELEASE_NAMES:
+        if key.startswith(names[source]):
+            return names[target] + key[len(names[source]) :]
+    return None
+
+
+def _checkpoint_file(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"FISHER checkpoint not found: {path}")
+    if path.is_file():
+        return path
+    candidates = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth"))
+    if len(candidates) != 1:
+        found = sorted(p.name for p in path.iterdir())
+        raise CheckpointError(f"{path}: expected one FISHER release .pt file in this folder, found {found}")
+    return candidates[0]
+
+
+def _release_config(release, file: Path) -> tuple[FisherConfig, dict]:
+    """Check that ``release`` (a loaded file) is a FISHER release and read its architecture from ``cfg``."""
+    if not isinstance(release, dict) or not isinstance(release.get("model"), dict):
+        raise CheckpointError(f"{file}: not a FISHER checkpoint (expected a dict with 'cfg' and 'model')")
+    state = release["model"]
+    cfg = release.get("cfg")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        family = "a BEATs checkpoint" if any(k.startswith("encoder.layers.") for k in state) else "not FISHER"
+        raise CheckpointError(f"{file}: {family} (no cfg['model'] section); FISHER files hold cfg['model']")
+    model_cfg = cfg["model"]
+    image = model_cfg.get("modalities", {}).get("image", {})
+    if "band_width" not in model_cfg:
+        raise CheckpointError(
+            f"{file}: cfg['model'] has no 'band_width': an EAT/data2vec checkpoint, not FISHER "
+            "(load it with kit.backbones.load('eat', ...))"
+        )
+    embed_dim = int(model_cfg.get("embed_dim", 768))
+    unsupported = {
+        "num_extra_tokens": (image.get("num_extra_tokens", 1), 1),
+        "in_chans": (image.get("in_chans", 1), 1),
+        "prenet_depth": (image.get("prenet_depth", 0), 0),
+        "use_alibi_encoder": (image.get("use_alibi_encoder", False), False),
+        "fixed_positions": (image.get("fixed_positions", True), True),
+        "modalities.image.embed_dim": (image.get("embed_dim", embed_dim), embed_dim),
+    }
+    for field, (value, expected) in unsupported.items():
+        if value != expected:
+            raise CheckpointError(
+                f"{file}: cfg {field}={value!r} is not supported (released FISHER: {expected!r})"
+            )
+    try:
+        config = FisherConfig(
+            embed_dim=embed_dim,
+            depth=int(model_cfg.get("depth", 12)),
+            num_heads=int(model_cfg.get("num_heads", 12)),
+            mlp_ratio=float(model_cfg.get("mlp_ratio", 4.0)),
+            band_width=int(model_cfg["band_width"]),
+            patch_size=int(image.get("patch_size", 16)),
+            max_length=int(image.get("max_length", 128)),
+            max_freq=int(image.get("max_freq", 50)),
+            flatten=str(image.get("flatten", "freq")),
+            layer_norm_first=bool(model_cfg.get("layer_norm_first", False)),
+            norm_eps=float(model_cfg.get("norm_eps", 1e-6)),
+            norm_affine=bool(model_cfg.get("norm_affine", True)),
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{file}: inconsistent FISHER cfg: {err}") from err
+    return config, state
+
+
+def _converted_state(state: dict, model: Fisher, file: Path) -> dict:
+    """Release state dict -> this module's names, checking keys and shapes strictly."""
+    expected = model.state_dict()
+    converted, unexpected = {}, []
+    for key, tensor in state.items():
+        name = _rename(key, 0, 1)
+        if name in expected:
+            converted[name] = tensor
+        else:
+            unexpected.append(key)
+    missing = [_rename(name, 1, 0) for name in expected if name not in converted]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file}: FISHER keys do not match the configuration in cfg: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    for name, tensor in converted.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{file}: tensor {_rename(name, 1, 0)} has shape {tuple(tensor.shape)}, "
+                f"the configuration in cfg expects {tuple(expected[name].shape)}"
+            )
+    return converted
+
+
+def from_checkpoint(path: str | os.PathLike, pad_to: int | None = None) -> Fisher:
+    """Load a released FISHER ``.pt`` file (or a folder holding one) exactly, strict key check."""
+    file = _checkpoint_file(Path(path))
+    try:
+        release = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises several kinds on a corrupt or foreign file
+        raise CheckpointError(f"cannot read FISHER checkpoint {file}: {err}") from err
+    config, state = _release_config(release, file)
+    model = Fisher(config, pad_to=pad_to)
+    model.load_state_dict(_converted_state(state, model, file))
+    model.pretrained = True
+    return model

@@ -1,0 +1,209 @@
+"""FISHER backbone: the authors' outputs on the official-format fixture, both paths, batch invariance,
+checkpoint errors, random initialisation and the LoRA pattern."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from kit import backbones
+from kit.backbones import CheckpointError, fisher
+
+TOLERANCE = 1e-4
+PATHS = {"nopad": None, "pad1024": 1024}
+
+
+@pytest.fixture(scope="module")
+def audio(backbone_fixtures):
+    data = np.load(backbone_fixtures / "audio.npz")
+    return {name: torch.from_numpy(data[name]) for name in ("a", "b")}
+
+
+@pytest.fixture(scope="module")
+def expected(backbone_fixtures):
+    return dict(np.load(backbone_fixtures / "fisher_expected.npz"))
+
+
+@pytest.fixture(scope="module")
+def models(backbone_fixtures):
+    path = backbone_fixtures / "fisher.pt"
+    return {label: backbones.load("fisher", path, pad_to=pad_to).eval() for label, pad_to in PATHS.items()}
+
+
+@pytest.fixture(scope="module")
+def release(backbone_fixtures):
+    return torch.load(backbone_fixtures / "fisher.pt", weights_only=True)
+
+
+def padded_batch(audio) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = audio["a"], audio["b"]
+    waves = torch.zeros(2, len(a))
+    waves[0], waves[1, : len(b)] = a, b
+    return waves, torch.tensor([len(a), len(b)])
+
+
+@pytest.mark.parametrize("clip", ["a", "b"])
+def test_frontend_matches_reference_spectrum(models, audio, expected, clip):
+    spec, frames = models["nopad"].frontend(audio[clip][None])
+    reference = expected[f"{clip}_spec"]
+    assert spec.shape == reference.shape
+    assert frames.tolist() == [reference.shape[1]]
+    np.testing.assert_allclose(spec.numpy(), reference, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("clip", ["a", "b"])
+def test_embedding_matches_reference(models, audio, expected, path, clip):
+    with torch.no_grad():
+        embedding = models[path].embedding(audio[clip][None])
+    reference = expected[f"{clip}_features_{path}"]
+    np.testing.assert_allclose(embedding.numpy().reshape(reference.shape), reference, rtol=0, atol=TOLERANCE)
+
+
+def test_two_paths_differ(models, audio):
+    with torch.no_grad():
+        outputs = [models[path].embedding(audio["b"][None]) for path in PATHS]
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_padded_batch_equals_single_runs(models, audio, expected, path):
+    waves, lengths = padded_batch(audio)
+    with torch.no_grad():
+        tokens, padding_mask = models[path](waves, lengths)
+    model = models[path]
+    assert tokens.shape == (2, model.n_bands, model.embed_dim)
+    assert padding_mask.shape == (2, model.n_bands) and not padding_mask.any()
+    for row, clip in enumerate("ab"):
+        reference = expected[f"{clip}_features_{path}"]
+        np.testing.assert_allclose(tokens[row].flatten().numpy(), reference.ravel(), rtol=0, atol=TOLERANCE)
+
+
+def test_loaded_model_reports_release_architecture(models):
+    model = models["nopad"]
+    assert model.pretrained
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (48, 3, 3)
+    assert model.n_bands == 2 and model.pad_to is None and models["pad1024"].pad_to == 1024
+
+
+def test_lora_pattern_selects_only_block_attention(models):
+    model = models["nopad"]
+    expected = {f"blocks.{i}.attn.{name}" for i in range(len(model.blocks)) for name in ("qkv", "proj")}
+    assert set(backbones.lora_targets(model)) == expected
+    assert not re.fullmatch(model.lora_target_modules, "patch_embed")
+
+
+def test_random_init_warns_and_runs(audio):
+    with pytest.warns(UserWarning, match="NO PRETRAINED WEIGHTS"):
+        model = backbones.load("fisher")
+    assert not model.pretrained
+    tokens, padding_mask = model(audio["b"][None])
+    assert tokens.shape == (1, 2, fisher.CONFIGS[fisher.DEFAULT_CONFIG].embed_dim)
+    assert torch.isfinite(tokens).all() and not padding_mask.any()
+
+
+def test_release_sizes():
+    assert {"tiny", "mini", "small", "cpu"} <= set(fisher.CONFIGS)
+    counts = {name: sum(p.numel() for p in fisher.build(name).parameters()) for name in ("tiny", "small")}
+    assert 5.0e6 < counts["tiny"] < 6.0e6
+    assert 21.0e6 < counts["small"] < 22.5e6
+
+
+def test_gradient_checkpointing_keeps_outputs_and_gradients(audio):
+    torch.manual_seed(0)
+    model = fisher.build("cpu", depth=2)
+    wave = audio["b"][None, :8000]
+    plain = model(wave)[0]
+    plain.sum().backward()
+    grad = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    model.set_gradient_checkpointing(True)
+    checkpointed = model(wave)[0]
+    checkpointed.sum().backward()
+    torch.testing.assert_close(checkpointed, plain)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, grad)
+
+
+def test_pre_ln_block_follows_reference_formula():
+    torch.manual_seed(0)
+    model = fisher.build("cpu", depth=1, layer_norm_first=True)
+    assert model.pre_norm is None and model.norm is not None
+    block = model.blocks[0]
+    x = torch.randn(2, 5, model.embed_dim)
+    after_attention = x + block.attn(block.norm1(x), None)
+    torch.testing.assert_close(block(x, None), 2 * block.mlp(block.norm2(after_attention)))
+
+
+def test_beats_checkpoint_is_rejected(backbone_fixtures):
+    with pytest.raises(CheckpointError, match="BEATs"):
+        backbones.load("fisher", backbone_fixtures / "beats_release.pt")
+
+
+def test_eat_checkpoint_is_rejected(backbone_fixtures):
+    with pytest.raises(CheckpointError, match="band_width.*EAT"):
+        backbones.load("fisher", backbone_fixtures / "eat_fairseq.pt")
+
+
+def test_corrupt_file_is_rejected(tmp_path):
+    path = tmp_path / "fisher.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read FISHER checkpoint .*fisher.pt"):
+        fisher.from_checkpoint(path)
+
+
+def test_missing_file_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        fisher.from_checkpoint(tmp_path / "absent.pt")
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path, release):
+    state = dict(release["model"])
+    del state["blocks.1.mlp.fc2.bias"]
+    state["blocks.0.attn.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "keys.pt"
+    torch.save({"cfg": release["cfg"], "model": state}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing \['blocks.1.mlp.fc2.bias'\], unexpected \['blocks.0.attn.extra.weight'\]",
+    ):
+        fisher.from_checkpoint(path)
+
+
+def test_wrong_shape_names_key_and_shapes(tmp_path, release):
+    state = dict(release["model"])
+    state["blocks.2.attn.qkv.weight"] = torch.zeros(144, 40)
+    path = tmp_path / "shape.pt"
+    torch.save({"cfg": release["cfg"], "model": state}, path)
+    with pytest.raises(CheckpointError, match=r"blocks.2.attn.qkv.weight has shape \(144, 40\).*\(144, 48\)"):
+        fisher.from_checkpoint(path)
+
+
+def test_heads_come_from_cfg(tmp_path, release):
+    cfg = {"model": {**release["cfg"]["model"], "num_heads": 4}}
+    path = tmp_path / "heads.pt"
+    torch.save({"cfg": cfg, "model": release["model"]}, path)
+    assert fisher.from_checkpoint(path).blocks[0].attn.num_heads == 4
+
+
+@pytest.mark.parametrize(
+    ("waves", "lengths", "message"),
+    [
+        (torch.zeros(16000), None, "shape"),
+        (torch.full((1, 16000), float("nan")), None, "NaN"),
+        (torch.zeros(2, 16000), torch.tensor([16000, 16001]), "exceed"),
+        (torch.zeros(1, 300), None, "at least 400 samples"),
+    ],
+)
+def test_bad_input_is_rejected(waves, lengths, message):
+    model = fisher.build("cpu", depth=1)
+    with pytest.raises(ValueError, match=message):
+        model(waves, lengths)
+
+
+@pytest.mark.parametrize("options", [{"pad_to": 0}, {"pad_to": 40000}, {"widht": 3}])
+def test_bad_options_are_rejected(options):
+    with pytest.raises(ValueError, match=next(iter(options))):
+        fisher.build("cpu", **options)
