@@ -89,9 +89,9 @@ def kaldi_fbank(
     spectrum = torch.fft.rfft(frames, n=padded_size)
     # |X|^2 as re^2 + im^2: the same value as abs().pow(2) without a square root per bin
     spectrum = torch.view_as_real(spectrum).pow(2).sum(-1) if use_power else spectrum.abs()
-    mel = spectrum @ _mel_matrix(num_mel_bins, padded_size, sample_frequency, low_freq, high_freq).to(
-        device=waves.device, dtype=waves.dtype
-    )
+    filters = _mel_matrix(num_mel_bins, padded_size, sample_frequency, low_freq, high_freq)
+    with torch.autocast(waves.device.type, enabled=False):  # power spectra overflow float16
+        mel = spectrum @ filters.to(device=waves.device, dtype=waves.dtype)
     if use_log_fbank:
         mel = torch.maximum(mel, epsilon).log()
     if use_energy:
@@ -128,12 +128,22 @@ def _check_batch(waves: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]
             raise ValueError(f"lengths must be integer sample counts, got {lengths.dtype}")
         lengths = lengths.long()
         if batch and (int(lengths.min()) < 0 or int(lengths.max()) > samples):
-            raise ValueError(f"lengths must lie in [0, {samples}] (the padded length), got {lengths.tolist()}")
+            raise ValueError(
+                f"lengths must lie in [0, {samples}] (the padded length), got {lengths.tolist()}"
+            )
     return waves, lengths
 
 
 def _check_options(
-    window_type, window_size, window_shift, padded_size, preemphasis, sample_frequency, num_mel_bins, low, high
+    window_type,
+    window_size,
+    window_shift,
+    padded_size,
+    preemphasis,
+    sample_frequency,
+    num_mel_bins,
+    low,
+    high,
 ) -> None:
     if window_type not in WINDOW_TYPES:
         raise ValueError(f"unknown window_type {window_type!r}: expected one of {', '.join(WINDOW_TYPES)}")

@@ -419,6 +419,35 @@ def write_system(
     return target
 
 
+def submit_system(
+    out_dir: str | os.PathLike,
+    label: str,
+    scores: pd.DataFrame,
+    results: pd.DataFrame,
+    system: str,
+    meta: Mapping,
+    *,
+    threshold: str = "gamma",
+    level: float = 0.9,
+) -> Path:
+    """One system's submission from a run's scores (the scores contract of ``kit.scoring``).
+
+    The evaluation test clips (``dataset == "eval"``, ``split == "test"``) are submitted; decision
+    thresholds are fit on the scores of the evaluation machines' normal training clips (scored
+    leave-one-out), as the official baseline does; the development results in the meta file come
+    from ``results`` (a :func:`kit.metrics.results_table`) for ``system``.
+    """
+    evaluation = scores[scores["dataset"] == "eval"]
+    test, train = evaluation[evaluation["split"] == "test"], evaluation[evaluation["split"] == "train"]
+    if test.empty:
+        raise ValueError(f"system {system!r} has no evaluation test scores (dataset 'eval', split 'test') to submit")
+    if train.empty:
+        raise ValueError(f"system {system!r} has no scores of evaluation training clips to fit thresholds on")
+    full_meta = _merge_meta(meta_template(), meta)
+    full_meta["results"] = development_results(results, system)
+    return write_system(out_dir, label, test, fit_thresholds(train, threshold, level), full_meta)
+
+
 def _write_meta(path: Path, meta: dict) -> None:
     path.write_bytes(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).encode("utf-8"))
 

@@ -358,7 +358,8 @@ def train(index: pd.DataFrame, cfg: TrainConfig, run_dir: str | os.PathLike, *, 
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_text_atomic(out / "classes.txt", "\n".join(classes) + "\n")
 
-    model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None) \
+    model = nn.parallel.DistributedDataParallel(  # layerdrop (BEATs) skips blocks at random
+        task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True) \
         if distributed else task
     length = data.LengthPolicy(mode=cfg.length_mode, seconds=cfg.crop_seconds)
     noise_paths = []
