@@ -25,7 +25,9 @@ class SpecAugment:
     freq_masks: int = 2
     freq_width: int = 16
 
-    def __call__(self, feats: torch.Tensor, n_frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, feats: torch.Tensor, n_frames: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         batch, n_time, n_freq = feats.shape[0], feats.shape[-2], feats.shape[-1]
         device = feats.device
         n_frames = n_frames.to(device).clamp(min=1)
@@ -38,18 +40,24 @@ class SpecAugment:
                 return None
             widths = (torch.rand(batch, count, generator=generator) * (width + 1)).long().to(device)
             widths = torch.minimum(widths, extent[:, None])
-            starts = (torch.rand(batch, count, generator=generator).to(device) * (extent[:, None] - widths + 1)).long()
+            starts = (
+                torch.rand(batch, count, generator=generator).to(device) * (extent[:, None] - widths + 1)
+            ).long()
             return starts, widths
 
         spans = draw(self.time_masks, self.time_width, n_frames)
         if spans is not None:
             starts, widths = spans
-            hit = (time_idx[None, None] >= starts[..., None]) & (time_idx[None, None] < (starts + widths)[..., None])
+            hit = (time_idx[None, None] >= starts[..., None]) & (
+                time_idx[None, None] < (starts + widths)[..., None]
+            )
             keep &= ~hit.any(1)[:, :, None]
         spans = draw(self.freq_masks, self.freq_width, torch.full((batch,), n_freq, device=device))
         if spans is not None:
             starts, widths = spans
-            hit = (freq_idx[None, None] >= starts[..., None]) & (freq_idx[None, None] < (starts + widths)[..., None])
+            hit = (freq_idx[None, None] >= starts[..., None]) & (
+                freq_idx[None, None] < (starts + widths)[..., None]
+            )
             keep &= ~hit.any(1)[:, None, :]
         shape = (batch,) + (1,) * (feats.dim() - 3) + (n_time, n_freq)
         return feats * keep.view(shape).to(feats.dtype)

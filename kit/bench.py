@@ -33,7 +33,11 @@ def eager_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     scores = (query @ key.transpose(-2, -1)) * scale
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
     weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
@@ -101,18 +105,43 @@ def measure(name: str, variant: str, batch: int, seconds: float, repeats: int, d
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     return {
-        "backbone": name, "config": RELEASE[name], "variant": variant, "device": device,
-        "precision": "bf16 autocast" if cuda else "fp32", "clips_per_s": batch * repeats / elapsed,
-        "peak_mb": peak, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "backbone": name,
+        "config": RELEASE[name],
+        "variant": variant,
+        "device": device,
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "clips_per_s": batch * repeats / elapsed,
+        "peak_mb": peak,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "output": tokens.float().cpu().flatten()[:200000].tolist(),
     }
 
 
 def _run_isolated(name, variant, args) -> dict:
-    cmd = [sys.executable, "-m", "kit.bench", "_one", name, variant, "--batch", str(args.batch), "--seconds",
-           str(args.seconds), "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kit.bench",
+        "_one",
+        name,
+        variant,
+        "--batch",
+        str(args.batch),
+        "--seconds",
+        str(args.seconds),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of {name}/{variant} failed:\n{done.stderr[-2000:]}")
@@ -125,21 +154,32 @@ def backbones_table(args) -> list[dict]:
         fast = _run_isolated(name, "fast", args)
         eager = _run_isolated(name, "eager", args)
         diff = max(abs(a - b) for a, b in zip(fast.pop("output"), eager.pop("output")))
-        rows.append({**fast, "eager_clips_per_s": eager["clips_per_s"], "eager_peak_mb": eager["peak_mb"],
-                     "speedup": fast["clips_per_s"] / eager["clips_per_s"], "max_abs_diff": diff})
+        rows.append(
+            {
+                **fast,
+                "eager_clips_per_s": eager["clips_per_s"],
+                "eager_peak_mb": eager["peak_mb"],
+                "speedup": fast["clips_per_s"] / eager["clips_per_s"],
+                "max_abs_diff": diff,
+            }
+        )
     return rows
 
 
 def print_table(rows: list[dict], batch: int, seconds: float) -> None:
     print(f"\nbackbones at release size, random weights, batch {batch} x {seconds:g} s clips")
-    header = (f"{'backbone':8s} {'config':7s} {'params':>7s} {'device':6s} {'precision':13s} {'clips/s':>8s} "
-              f"{'eager':>8s} {'speedup':>7s} {'peak MB':>8s} {'eager MB':>8s} {'max|diff|':>9s}")
+    header = (
+        f"{'backbone':8s} {'config':7s} {'params':>7s} {'device':6s} {'precision':13s} {'clips/s':>8s} "
+        f"{'eager':>8s} {'speedup':>7s} {'peak MB':>8s} {'eager MB':>8s} {'max|diff|':>9s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['backbone']:8s} {r['config']:7s} {r['params_m']:6.1f}M {r['device']:6s} {r['precision']:13s} "
-              f"{r['clips_per_s']:8.2f} {r['eager_clips_per_s']:8.2f} {r['speedup']:6.2f}x {r['peak_mb']:8.0f} "
-              f"{r['eager_peak_mb']:8.0f} {r['max_abs_diff']:9.1e}")
+        print(
+            f"{r['backbone']:8s} {r['config']:7s} {r['params_m']:6.1f}M {r['device']:6s} {r['precision']:13s} "
+            f"{r['clips_per_s']:8.2f} {r['eager_clips_per_s']:8.2f} {r['speedup']:6.2f}x {r['peak_mb']:8.0f} "
+            f"{r['eager_peak_mb']:8.0f} {r['max_abs_diff']:9.1e}"
+        )
 
 
 def main(argv=None) -> int:
@@ -156,7 +196,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "_one":
-        print(json.dumps(measure(args.name, args.variant, args.batch, args.seconds, args.repeats, args.device)))
+        print(
+            json.dumps(measure(args.name, args.variant, args.batch, args.seconds, args.repeats, args.device))
+        )
         return 0
     print_table(backbones_table(args), args.batch, args.seconds)
     return 0

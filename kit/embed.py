@@ -75,10 +75,14 @@ def compute_embeddings(
         rows = index if channel == "near" else index[index["channels"] >= 2]
         if channel == "far" and len(rows) < len(index):
             mono = index.loc[index["channels"] < 2, "path"].iloc[0]
-            raise ValueError(f"channel 'far' requested but {mono} is mono; embed channels=('near',) for mono data")
+            raise ValueError(
+                f"channel 'far' requested but {mono} is mono; embed channels=('near',) for mono data"
+            )
         out = np.zeros((len(rows), 0), dtype=np.float32)
         for batch in _batches(rows, batch_size):
-            waves = [length.apply(data.load_audio(rows["path"].iloc[i], channel=channel), None) for i in batch]
+            waves = [
+                length.apply(data.load_audio(rows["path"].iloc[i], channel=channel), None) for i in batch
+            ]
             lengths = torch.tensor([len(w) for w in waves])
             padded = torch.zeros(len(waves), int(lengths.max()))
             for j, w in enumerate(waves):
@@ -116,8 +120,15 @@ def extract(
     folder = Path(run_dir) / "embeddings" / f"{name}-{key.hexdigest()[:12]}"
     if (folder / "emb.npy").exists() and (folder / "meta.csv").exists():
         return load(folder) + (folder,)
-    meta, emb = compute_embeddings(embedder, index, channels=channels, length=length, batch_size=batch_size,
-                                   device=device, progress=progress)
+    meta, emb = compute_embeddings(
+        embedder,
+        index,
+        channels=channels,
+        length=length,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         meta.to_csv(tmp / "meta.csv", index=False)
@@ -130,7 +141,9 @@ def load(folder: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
     folder = Path(folder)
     for part in ("meta.csv", "emb.npy"):
         if not (folder / part).exists():
-            raise FileNotFoundError(f"{folder / part} not found: not an embedding folder written by kit.embed")
+            raise FileNotFoundError(
+                f"{folder / part} not found: not an embedding folder written by kit.embed"
+            )
     meta = pd.read_csv(folder / "meta.csv", dtype={"section": str, "attributes": str}, keep_default_na=False)
     emb = np.load(folder / "emb.npy")
     if len(meta) != len(emb):
@@ -142,5 +155,7 @@ def latest(run_dir: str | os.PathLike, name: str) -> Path:
     """The most recently written embedding folder of ``name`` under ``run_dir``."""
     found = sorted((Path(run_dir) / "embeddings").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no embeddings named {name!r} under {Path(run_dir) / 'embeddings'}: run its notebook first")
+        raise FileNotFoundError(
+            f"no embeddings named {name!r} under {Path(run_dir) / 'embeddings'}: run its notebook first"
+        )
     return found[-1]

@@ -22,15 +22,22 @@ from kit.files import atomic_path
 ADAPTER_FILE = "lora_adapters.safetensors"
 
 
-def add_lora(backbone: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0) -> nn.Module:
+def add_lora(
+    backbone: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0
+) -> nn.Module:
     """Inject LoRA adapters (in place) and freeze every non-adapter weight of ``backbone``."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     pattern = getattr(backbone, "lora_target_modules", "")
     if not pattern:
         raise ValueError(f"{type(backbone).__name__} declares no lora_target_modules pattern")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        target_modules=pattern, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        target_modules=pattern,
+        bias="none",
+    )
     inject_adapter_in_model(config, backbone)
     for name, param in backbone.named_parameters():
         param.requires_grad = "lora_" in name

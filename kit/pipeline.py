@@ -60,7 +60,9 @@ def load_system(name_or_path: str) -> dict:
     if not path.suffix:
         path = SYSTEMS / f"{name_or_path}.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"unknown system {name_or_path!r}: no {path}; known: {', '.join(system_names())}")
+        raise FileNotFoundError(
+            f"unknown system {name_or_path!r}: no {path}; known: {', '.join(system_names())}"
+        )
     spec = yaml.safe_load(path.read_text()) or {}
     steps = spec.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -81,8 +83,16 @@ def _parse_override(text: str):
     return notebook, param, yaml.safe_load(value)
 
 
-def run_system(system: str, data_root: str, run_dir: str | os.PathLike, *, overrides: list[str] = (),
-               only: list[str] | None = None, kernel: str | None = None, log_output: bool = False) -> Path:
+def run_system(
+    system: str,
+    data_root: str,
+    run_dir: str | os.PathLike,
+    *,
+    overrides: list[str] = (),
+    only: list[str] | None = None,
+    kernel: str | None = None,
+    log_output: bool = False,
+) -> Path:
     """Execute the system's steps in order; returns the run folder. ``overrides`` (``NB.PARAM=VALUE``)
     apply to every step of that notebook; ``only`` keeps the steps whose notebook number/name is listed."""
     import papermill as pm
@@ -107,14 +117,22 @@ def run_system(system: str, data_root: str, run_dir: str | os.PathLike, *, overr
         target = run_dir / "notebooks" / f"{notebook}{suffix}.ipynb"
         start = time.time()
         print(f"[{spec['name']}] {notebook}{suffix} ...", flush=True)
-        pm.execute_notebook(str(NOTEBOOKS / f"{notebook}.ipynb"), str(target), parameters=values,
-                            kernel_name=kernel, cwd=str(REPO), log_output=log_output, progress_bar=False)
+        pm.execute_notebook(
+            str(NOTEBOOKS / f"{notebook}.ipynb"),
+            str(target),
+            parameters=values,
+            kernel_name=kernel,
+            cwd=str(REPO),
+            log_output=log_output,
+            progress_bar=False,
+        )
         print(f"[{spec['name']}] {notebook}{suffix} done in {time.time() - start:.0f} s", flush=True)
     return run_dir
 
 
-def sweep(notebook: str, grid: dict[str, list], base: dict, run_root: str | os.PathLike,
-          kernel: str | None = None) -> list[Path]:
+def sweep(
+    notebook: str, grid: dict[str, list], base: dict, run_root: str | os.PathLike, kernel: str | None = None
+) -> list[Path]:
     """Run one notebook for every combination of ``grid`` values; each run gets its own folder
     ``<run_root>/<param=value,...>`` and copies the inputs it needs from ``base['run_dir']``."""
     import papermill as pm
@@ -129,15 +147,23 @@ def sweep(notebook: str, grid: dict[str, list], base: dict, run_root: str | os.P
         out = Path(run_root) / tag
         out.mkdir(parents=True, exist_ok=True)
         values = {**base, **dict(zip(keys, combo))}
-        pm.execute_notebook(str(path), str(out / path.name), parameters=values, kernel_name=kernel, cwd=str(REPO),
-                            progress_bar=False)
+        pm.execute_notebook(
+            str(path),
+            str(out / path.name),
+            parameters=values,
+            kernel_name=kernel,
+            cwd=str(REPO),
+            progress_bar=False,
+        )
         outputs.append(out)
     return outputs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("system", nargs="?", default="default", help="system name in notebooks/systems/ or a YAML path")
+    parser.add_argument(
+        "system", nargs="?", default="default", help="system name in notebooks/systems/ or a YAML path"
+    )
     parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "embedded"))
     parser.add_argument("--run-dir", default=os.environ.get("RUN_DIR"))
     parser.add_argument("--set", action="append", default=[], metavar="NOTEBOOK.PARAM=VALUE")
@@ -149,10 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         for name in system_names():
             print(f"{name:16s} {load_system(name)['description']}")
         return 0
-    run_dir = args.run_dir or str(REPO / "runs" / f"{Path(args.system).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir or str(
+        REPO / "runs" / f"{Path(args.system).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     try:
-        run_system(args.system, args.data_root, run_dir, overrides=args.set,
-                   only=args.only.split(",") if args.only else None, kernel=args.kernel)
+        run_system(
+            args.system,
+            args.data_root,
+            run_dir,
+            overrides=args.set,
+            only=args.only.split(",") if args.only else None,
+            kernel=args.kernel,
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -38,8 +38,14 @@ def training_curves(history: pd.DataFrame, path=None, title: str = "") -> plt.Fi
     return _save(fig, path)
 
 
-def embedding_projection(meta: pd.DataFrame, emb: np.ndarray, path=None, color_by=("machine", "domain", "channel"),
-                         max_points: int = 3000, seed: int = 0) -> plt.Figure:
+def embedding_projection(
+    meta: pd.DataFrame,
+    emb: np.ndarray,
+    path=None,
+    color_by=("machine", "domain", "channel"),
+    max_points: int = 3000,
+    seed: int = 0,
+) -> plt.Figure:
     """2-D PCA of L2-normalised embeddings, one panel per column in ``color_by``."""
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(emb), size=min(max_points, len(emb)), replace=False))
@@ -79,7 +85,9 @@ def roc_curves(scores: pd.DataFrame, path=None, title: str = "") -> plt.Figure:
     """Per machine: ROC of source-domain and target-domain evaluation (official masks)."""
     test = scores[(scores["split"] == "test") & (scores["label"].isin(["normal", "anomaly"]))]
     machines = sorted(test["machine"].unique())
-    fig, axes = plt.subplots(1, max(1, len(machines)), figsize=(3.6 * max(1, len(machines)), 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(machines)), figsize=(3.6 * max(1, len(machines)), 3.4), squeeze=False
+    )
     for ax, machine in zip(axes[0], machines):
         part = test[test["machine"] == machine]
         y = (part["label"] == "anomaly").to_numpy()
@@ -97,7 +105,9 @@ def roc_curves(scores: pd.DataFrame, path=None, title: str = "") -> plt.Figure:
     return _save(fig, path)
 
 
-def near_far_pair(near: np.ndarray, far: np.ndarray, sample_rate: int = 16000, path=None, title: str = "") -> plt.Figure:
+def near_far_pair(
+    near: np.ndarray, far: np.ndarray, sample_rate: int = 16000, path=None, title: str = ""
+) -> plt.Figure:
     """Waveforms and log-mel spectrograms of the two microphones of one clip."""
     import torch
     import torchaudio
@@ -109,7 +119,9 @@ def near_far_pair(near: np.ndarray, far: np.ndarray, sample_rate: int = 16000, p
         axes[0, col].plot(t, wave, lw=0.4)
         axes[0, col].set_title(f"{name} channel")
         spec = 10 * torch.log10(mel(torch.from_numpy(np.asarray(wave, dtype=np.float32))) + 1e-10).numpy()
-        axes[1, col].imshow(spec, origin="lower", aspect="auto", extent=(0, t[-1] if len(t) else 0, 0, spec.shape[0]))
+        axes[1, col].imshow(
+            spec, origin="lower", aspect="auto", extent=(0, t[-1] if len(t) else 0, 0, spec.shape[0])
+        )
         axes[1, col].set_xlabel("time (s)")
         axes[1, col].set_ylabel("mel band")
     fig.suptitle(title)

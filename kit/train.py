@@ -137,7 +137,9 @@ class Embedder(nn.Module):
 
 def build_embedder(cfg: TrainConfig) -> Embedder:
     """Load the backbone, attach the head and set which weights train according to ``cfg.mode``."""
-    backbone = backbones.load(cfg.backbone, cfg.checkpoint, config=cfg.backbone_config, **cfg.backbone_options)
+    backbone = backbones.load(
+        cfg.backbone, cfg.checkpoint, config=cfg.backbone_config, **cfg.backbone_options
+    )
     head = heads.make_head(cfg.head, backbone.embed_dim, cfg.embed_dim)
     if cfg.mode == "lora":
         add_lora(backbone, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
@@ -146,7 +148,9 @@ def build_embedder(cfg: TrainConfig) -> Embedder:
             p.requires_grad = False
         if cfg.mode == "partial":
             if not 0 < cfg.train_last_n <= len(backbone.blocks):
-                raise ValueError(f"train_last_n={cfg.train_last_n} but the backbone has {len(backbone.blocks)} blocks")
+                raise ValueError(
+                    f"train_last_n={cfg.train_last_n} but the backbone has {len(backbone.blocks)} blocks"
+                )
             for block in backbone.blocks[-cfg.train_last_n :]:
                 for p in block.parameters():
                     p.requires_grad = True
@@ -162,7 +166,9 @@ class TrainItems(Dataset):
     """Training examples for the proxy task. A sampler yields ``(item, seed)`` pairs, and the crop
     (and the noise clip, when noise mixing is on) of that item is drawn from ``seed``."""
 
-    def __init__(self, items: pd.DataFrame, labels: np.ndarray, length: data.LengthPolicy, noise_paths: list[str]):
+    def __init__(
+        self, items: pd.DataFrame, labels: np.ndarray, length: data.LengthPolicy, noise_paths: list[str]
+    ):
         self.paths = items["path"].tolist()
         self.channels = items["channel"].tolist()
         self.labels = labels
@@ -205,8 +211,17 @@ class StepBatches(Sampler):
     With ``balance`` the machine type is drawn uniformly first, then an item of that machine, so
     machines with more clips do not dominate; draws depend only on (seed, step, rank, micro)."""
 
-    def __init__(self, groups: np.ndarray, batch_size: int, steps: int, grad_accum: int, seed: int, rank: int,
-                 balance: bool, start: int = 0):
+    def __init__(
+        self,
+        groups: np.ndarray,
+        batch_size: int,
+        steps: int,
+        grad_accum: int,
+        seed: int,
+        rank: int,
+        balance: bool,
+        start: int = 0,
+    ):
         self.batch_size, self.steps, self.grad_accum = batch_size, steps, grad_accum
         self.seed, self.rank, self.balance, self.start = seed, rank, balance, start
         names, inverse = np.unique(groups, return_inverse=True)
@@ -290,11 +305,15 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], sour
     own = dict(module.named_parameters()) | dict(module.named_buffers())
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise ValueError(f"{source}: weights {unknown[:5]} do not belong to this model (another configuration?)")
+        raise ValueError(
+            f"{source}: weights {unknown[:5]} do not belong to this model (another configuration?)"
+        )
     with torch.no_grad():
         for name, value in state.items():
             if own[name].shape != value.shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(own[name].shape)}")
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(own[name].shape)}"
+                )
             own[name].copy_(value)
 
 
@@ -311,8 +330,14 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train(index: pd.DataFrame, cfg: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True,
-          stop_after: int | None = None) -> Path:
+def train(
+    index: pd.DataFrame,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
     """Run (or resume) fine-tuning; returns the output folder ``<run_dir>/<cfg.name>``.
 
     ``stop_after`` ends the run after that many steps of this call (checkpoint written), as an
@@ -358,9 +383,13 @@ def train(index: pd.DataFrame, cfg: TrainConfig, run_dir: str | os.PathLike, *, 
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_text_atomic(out / "classes.txt", "\n".join(classes) + "\n")
 
-    model = nn.parallel.DistributedDataParallel(  # layerdrop (BEATs) skips blocks at random
-        task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True) \
-        if distributed else task
+    model = (
+        nn.parallel.DistributedDataParallel(  # layerdrop (BEATs) skips blocks at random
+            task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+        if distributed
+        else task
+    )
     length = data.LengthPolicy(mode=cfg.length_mode, seconds=cfg.crop_seconds)
     noise_paths = []
     if cfg.noise_mix_prob > 0:
@@ -369,10 +398,23 @@ def train(index: pd.DataFrame, cfg: TrainConfig, run_dir: str | os.PathLike, *, 
             raise ValueError("noise_mix_prob > 0 needs stereo clips (far channel as noise source)")
         noise_paths = sorted(stereo["path"].unique())
     dataset = TrainItems(items, codes, length, noise_paths)
-    sampler = StepBatches(items["machine"].to_numpy(), cfg.batch_size, cfg.steps, cfg.grad_accum, cfg.seed, rank,
-                          cfg.balance_machines, start=start)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
-                        persistent_workers=False)
+    sampler = StepBatches(
+        items["machine"].to_numpy(),
+        cfg.batch_size,
+        cfg.steps,
+        cfg.grad_accum,
+        cfg.seed,
+        rank,
+        cfg.balance_machines,
+        start=start,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
     spec = SpecAugment() if cfg.spec_augment else None
     autocast = device.type == "cuda" and cfg.amp
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -390,8 +432,15 @@ def train(index: pd.DataFrame, cfg: TrainConfig, run_dir: str | os.PathLike, *, 
             waves, lengths, noise, noise_lengths, labels = next(batches)
             waves, lengths, labels = waves.to(device), lengths.to(device), labels.to(device)
             if noise_paths:
-                waves = noise_mix(waves, lengths, noise.to(device), noise_lengths, cfg.noise_mix_prob,
-                                  cfg.noise_mix_snr, gen)
+                waves = noise_mix(
+                    waves,
+                    lengths,
+                    noise.to(device),
+                    noise_lengths,
+                    cfg.noise_mix_prob,
+                    cfg.noise_mix_snr,
+                    gen,
+                )
             perm, lam = None, 1.0
             if cfg.mixup_alpha > 0:
                 waves, lengths, perm, lam = mixup(waves, lengths, cfg.mixup_alpha, gen)
@@ -411,8 +460,9 @@ def train(index: pd.DataFrame, cfg: TrainConfig, run_dir: str | os.PathLike, *, 
             stats = torch.tensor([step_loss, step_acc], device=device)
             dist.all_reduce(stats)
             step_loss, step_acc = (stats / world).tolist()
-        history.append({"step": step + 1, "loss": step_loss, "accuracy": step_acc,
-                        "lr": optimizer.param_groups[0]["lr"]})
+        history.append(
+            {"step": step + 1, "loss": step_loss, "accuracy": step_acc, "lr": optimizer.param_groups[0]["lr"]}
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{step_acc:.2f}")
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
@@ -444,9 +494,17 @@ def _loss_kwargs(cfg: TrainConfig) -> dict:
     return kwargs
 
 
-def _save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: int, history: list, cfg: TrainConfig):
-    state = {"model": trainable_state(task), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step, "history": history, "config": cfg.to_dict()}
+def _save_checkpoint(
+    path: Path, task: nn.Module, optimizer, scheduler, step: int, history: list, cfg: TrainConfig
+):
+    state = {
+        "model": trainable_state(task),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "history": history,
+        "config": cfg.to_dict(),
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -479,7 +537,9 @@ def load_embedder(model_dir: str | os.PathLike) -> Embedder:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fine-tune a backbone (runs under torchrun for several GPUs).")
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a backbone (runs under torchrun for several GPUs)."
+    )
     parser.add_argument("config", help="YAML file of TrainConfig fields")
     parser.add_argument("--index", required=True, help="index.csv written by kit.data.save_index")
     parser.add_argument("--run-dir", required=True)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DCASE_SHARED", REPO.parent / "shared"))
@@ -43,3 +44,12 @@ def metric_fixtures() -> Path:
 def mimii_sample() -> Path:
     """``shared/data/mimii_sample``: real MIMII machine recordings (mono, 16 kHz, 10 s)."""
     return _shared_subdir("data", "mimii_sample")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Test tensors are small: intra-op threads only add contention on a 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

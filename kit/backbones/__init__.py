@@ -112,7 +112,9 @@ def resolve_checkpoint(spec: str | os.PathLike, cache_dir: str | os.PathLike | N
                 f"cannot fetch Hugging Face repo {text!r} (offline, or no such repo?): {err}. "
                 "Download the checkpoint elsewhere and pass its local path."
             ) from err
-    raise CheckpointError(f"checkpoint {text!r} is neither an existing path, a URL nor a Hugging Face repo id")
+    raise CheckpointError(
+        f"checkpoint {text!r} is neither an existing path, a URL nor a Hugging Face repo id"
+    )
 
 
 def load(
@@ -134,7 +136,9 @@ def load(
     if checkpoint is None:
         config = config or module.DEFAULT_CONFIG
         if config not in module.CONFIGS:
-            raise ValueError(f"unknown {name} config {config!r}: expected one of {', '.join(sorted(module.CONFIGS))}")
+            raise ValueError(
+                f"unknown {name} config {config!r}: expected one of {', '.join(sorted(module.CONFIGS))}"
+            )
         warnings.warn(
             f"{name}: no checkpoint given, building the '{config}' configuration from random initialisation "
             "- NO PRETRAINED WEIGHTS ARE IN USE",

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from kit.heads import AttentiveStatsPool, ClsPool, MeanPool, make_head
+
+KINDS = ["asp", "mean", "cls"]
+
+
+def _padded_batch(lengths, dim=12, fill=0.0, seed=0):
+    """Tokens [B, max(lengths), dim] with everything past each length set to ``fill``, and the mask."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(len(lengths), max(lengths), dim, generator=gen)
+    padding = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    return tokens.masked_fill(padding[..., None], fill), padding
+
+
+def _head(kind, dim=12, embed_dim=6):
+    torch.manual_seed(0)
+    return make_head(kind, dim, embed_dim).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes(kind):
+    tokens, padding = _padded_batch([7, 5, 3])
+    head = _head(kind)
+    assert head(tokens, padding).shape == (3, 6)
+    assert head(tokens).shape == (3, 6)  # no mask: every token is valid
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("garbage", [1e4, float("nan"), float("inf")])
+def test_padded_tokens_do_not_change_the_output(kind, garbage):
+    head = _head(kind)
+    clean, padding = _padded_batch([9, 4, 6], fill=0.0)
+    dirty, _ = _padded_batch([9, 4, 6], fill=garbage)
+    torch.testing.assert_close(head(dirty, padding), head(clean, padding))
+    assert torch.isfinite(head(dirty, padding)).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_of_different_lengths_equals_single_runs(kind):
+    head = _head(kind)
+    lengths = [9, 4, 6, 1]
+    tokens, padding = _padded_batch(lengths, fill=3.0)
+    batched = head(tokens, padding)
+    singles = torch.cat([head(tokens[i : i + 1, :n]) for i, n in enumerate(lengths)])
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_pool_pools_exactly_the_valid_tokens():
+    head = MeanPool(12, 6).eval()
+    tokens, padding = _padded_batch([5, 2], fill=7.0)
+    expected = head.projection(torch.stack([tokens[0, :5].mean(0), tokens[1, :2].mean(0)]))
+    torch.testing.assert_close(head(tokens, padding), expected)
+
+
+def test_cls_pool_uses_token_zero_only():
+    head = ClsPool(12, 6).eval()
+    tokens, padding = _padded_batch([5, 3])
+    changed = tokens.clone()
+    changed[:, 1:] = torch.randn_like(changed[:, 1:])
+    torch.testing.assert_close(head(changed, padding), head(tokens, padding))
+
+
+def test_asp_weights_sum_to_one_over_valid_tokens():
+    head = AttentiveStatsPool(12, 6, bottleneck=16)
+    tokens, padding = _padded_batch([9, 4, 6], fill=float("nan"))
+    weights = head.attention_weights(tokens, padding)
+    assert weights.shape == tokens.shape
+    assert torch.all(weights[padding] == 0)
+    assert torch.all(weights >= 0)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3, 12))
+    assert weights[0, :9].std(dim=0).max() > 0  # attention is not uniform
+
+
+def test_asp_is_a_weighted_mean_and_std_of_the_tokens():
+    head = AttentiveStatsPool(12, 6, bottleneck=16).eval()
+    tokens, padding = _padded_batch([9, 4])
+    weights = head.attention_weights(tokens, padding).detach()
+    clean = tokens.masked_fill(padding[..., None], 0.0)
+    mean = (weights * clean).sum(1)
+    std = (weights * (clean - mean[:, None]) ** 2).sum(1).sqrt()
+    torch.testing.assert_close(head(tokens, padding), head.projection(torch.cat([mean, std], dim=-1)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_flow_to_tokens_and_parameters(kind):
+    head = _head(kind).train()
+    tokens, padding = _padded_batch([6, 3])
+    tokens.requires_grad_(True)
+    head(tokens, padding).square().sum().backward()
+    assert tokens.grad[0, 0].abs().sum() > 0
+    assert torch.all(tokens.grad[padding] == 0)
+    for name, param in head.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_constant_tokens_give_finite_gradients():
+    head = AttentiveStatsPool(12, 6, bottleneck=16)
+    tokens = torch.ones(2, 5, 12, requires_grad=True)  # zero variance: sqrt(0) without the clamp
+    head(tokens).sum().backward()
+    assert torch.isfinite(tokens.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_bad_inputs_give_clear_errors():
+    head = make_head("asp", 12, 6)
+    tokens, padding = _padded_batch([4, 3])
+    with pytest.raises(ValueError, match="unknown pooling head 'max'"):
+        make_head("max", 12, 6)
+    with pytest.raises(ValueError, match=r"shape \[batch, tokens, 12\]"):
+        head(tokens[..., :10], padding)
+    with pytest.raises(ValueError, match="padding_mask must have shape"):
+        head(tokens, padding[:, :3])
+    with pytest.raises(ValueError, match=r"clips \[1\] .* no valid token"):
+        head(tokens, torch.tensor([[False] * 4, [True] * 4]))
+    with pytest.raises(ValueError, match="token 0 to be valid"):
+        make_head("cls", 12, 6)(tokens, torch.tensor([[True, False, False, False]] * 2))
