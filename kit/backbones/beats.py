@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kit.backbones import Backbone, CheckpointError
 from kit import frontends
+from kit.backbones import Backbone, CheckpointError
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582

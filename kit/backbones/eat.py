@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kit.backbones import Backbone, CheckpointError
 from kit import frontends
+from kit.backbones import Backbone, CheckpointError
 
 # Normalisation of the AudioSet fbank statistics used for every released EAT model.
 FBANK_MEAN = -4.268
