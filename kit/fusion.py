@@ -1,0 +1,374 @@
+"""Score normalisation, fusion of several scoring branches, and the fusion-weight search.
+
+A branch is one scores DataFrame (``kit.scoring.SCORE_COLUMNS``: one system's scores for every
+clip). Branches live on different scales (cosine distances, Mahalanobis distances, reconstruction
+errors), so before they are added each is standardised per (dataset, machine, section, channel):
+
+* ``by="train"``: with the mean and standard deviation of that branch's scores on the normal
+  training clips (scored leave-one-out by ``kit.scoring``): a z-score against the normal bank.
+* ``by="test"``: with the statistics of the test clips themselves; needs no labels and no training
+  scores, but moves with the test set's anomaly share.
+
+The fused score of a clip is a weighted mean of its normalised branch scores (or their mean or
+maximum, rules that need no labels). ``search_weights`` picks the non-negative weights by Bayesian
+optimisation (package ``bayesian-optimization``) to maximise the official score (``kit.metrics``) on
+the development test clips.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from bayes_opt import BayesianOptimization, acquisition
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from kit import metrics
+from kit.files import write_text_atomic
+from kit.scoring import CLIP_KEY, SCORE_COLUMNS
+
+NORMALISE_BY = ("train", "test")
+LABEL_FREE_RULES = ("mean", "max")
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------
+def _check_scores(scores: pd.DataFrame, name: str) -> None:
+    missing = [c for c in SCORE_COLUMNS if c not in scores.columns]
+    if missing:
+        raise ValueError(f"{name} lacks columns {missing}; scores need {SCORE_COLUMNS}")
+    if scores.empty:
+        raise ValueError(f"{name} holds no scores")
+    values = pd.to_numeric(scores["score"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(values).all():
+        row = scores.iloc[int(np.argmax(~np.isfinite(values)))]
+        raise ValueError(f"{name}: score {row['score']!r} of {row[CLIP_KEY].tolist()} is not a finite number")
+    repeated = scores.duplicated(CLIP_KEY)
+    if repeated.any():
+        raise ValueError(
+            f"{name}: clip {scores.loc[repeated, CLIP_KEY].iloc[0].tolist()} is listed more than once"
+        )
+
+
+def normalise(scores: pd.DataFrame, by: str = "train") -> pd.DataFrame:
+    """Standardise scores per (dataset, machine, section, channel [, branch]) group.
+
+    ``by="train"``: subtract the mean and divide by the standard deviation of the group's normal
+    training-clip scores (score with ``include_train=True``). ``by="test"``: use the group's test
+    clips instead (label-free). Every row of the group, training and test, is transformed with the
+    same statistics. Returns a copy; raises ValueError for a group without reference clips or with
+    constant reference scores.
+    """
+    if by not in NORMALISE_BY:
+        raise ValueError(f"normalise by must be one of {NORMALISE_BY}, got {by!r}")
+    _check_scores(scores, "scores")
+    group_columns = ["dataset", "machine", "section", "channel"] + (["branch"] if "branch" in scores else [])
+    if by == "train":
+        is_reference = (scores["split"] == "train") & (scores["label"] == "normal")
+    else:
+        is_reference = scores["split"] == "test"
+    values = scores["score"].astype(float)
+    grouped = values[is_reference].groupby([scores.loc[is_reference, c] for c in group_columns])
+    # Population standard deviation (ddof 0): the reference rows then have unit std exactly.
+    stats = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=0)})
+    keys = pd.MultiIndex.from_frame(scores[group_columns])
+    mean = stats["mean"].reindex(keys).to_numpy()
+    std = stats["std"].reindex(keys).to_numpy()
+    if np.isnan(mean).any():
+        group = scores[group_columns].iloc[int(np.argmax(np.isnan(mean)))].tolist()
+        hint = (
+            "score with include_train=True or normalise by 'test'"
+            if by == "train"
+            else "it has no test clips"
+        )
+        raise ValueError(f"group {group} has no {by} clips to normalise with ({hint})")
+    if not (std > 0).all():
+        group = scores[group_columns].iloc[int(np.argmax(~(std > 0)))].tolist()
+        raise ValueError(f"group {group}: the {by} reference scores are constant, cannot standardise them")
+    return scores.assign(score=(values.to_numpy() - mean) / std)
+
+
+# --------------------------------------------------------------------------------------------------
+# Alignment and fusion
+# --------------------------------------------------------------------------------------------------
+def _aligned(branch_scores: Mapping[str, pd.DataFrame], normalise_by: str | None):
+    """``(meta, matrix [clips, branches], names)``: the branches' (normalised) scores side by side."""
+    if not isinstance(branch_scores, Mapping) or not branch_scores:
+        raise ValueError("branch_scores must be a non-empty dict of name -> scores DataFrame")
+    names = list(branch_scores)
+    for name in names:
+        _check_scores(branch_scores[name], f"branch {name!r}")
+    prepared = {
+        name: normalise(frame, normalise_by) if normalise_by else frame
+        for name, frame in branch_scores.items()
+    }
+    first = prepared[names[0]].reset_index(drop=True)
+    keys = pd.MultiIndex.from_frame(first[CLIP_KEY])
+    columns, same_channel = [], True
+    for name in names:
+        indexed = prepared[name].set_index(CLIP_KEY)
+        missing, extra = keys.difference(indexed.index), indexed.index.difference(keys)
+        if len(missing) or len(extra):
+            example = list(missing[0]) if len(missing) else list(extra[0])
+            raise ValueError(
+                f"branches {names[0]!r} and {name!r} do not cover the same clips: {len(missing)} clips of "
+                f"{names[0]!r} missing from {name!r} and {len(extra)} extra (e.g. {example})"
+            )
+        aligned = indexed.reindex(keys)
+        disagree = aligned["label"].to_numpy() != first["label"].to_numpy()
+        if disagree.any():
+            raise ValueError(
+                f"branches {names[0]!r} and {name!r} disagree on the label of {list(keys[disagree][0])}"
+            )
+        same_channel &= bool((aligned["channel"].to_numpy() == first["channel"].to_numpy()).all())
+        columns.append(aligned["score"].to_numpy(dtype=float))
+    meta = first[SCORE_COLUMNS[:-1]].copy()
+    if not same_channel:
+        meta["channel"] = "fused"
+    return meta, np.stack(columns, axis=1), names
+
+
+def _weight_vector(weights: Mapping[str, float], names: list[str]) -> np.ndarray:
+    unknown, absent = sorted(set(weights) - set(names)), [n for n in names if n not in weights]
+    if unknown or absent:
+        raise ValueError(
+            f"weights must name exactly the branches {names}; unknown {unknown}, missing {absent}"
+        )
+    vector = np.array([float(weights[n]) for n in names])
+    if not np.isfinite(vector).all() or (vector < 0).any():
+        raise ValueError(f"fusion weights must be finite and non-negative, got {dict(zip(names, vector))}")
+    if vector.sum() == 0:
+        raise ValueError("fusion weights are all zero")
+    return vector / vector.sum()
+
+
+def fuse(
+    branch_scores: Mapping[str, pd.DataFrame],
+    weights: Mapping[str, float] | str = "mean",
+    normalise_by: str | None = "train",
+) -> pd.DataFrame:
+    """Fuse branches clip by clip into one scores DataFrame (same columns).
+
+    Each branch is first normalised (``normalise(..., by=normalise_by)``; ``None`` when the branches
+    are normalised already). ``weights``: a dict name -> non-negative weight (a weighted mean: the
+    weights are divided by their sum, so weight 1 on one branch returns that branch), or a
+    label-free rule, ``"mean"`` or ``"max"`` (elementwise maximum). Clips are matched by (dataset,
+    machine, section, split, file_name); branches must cover the same clips. The ``channel`` column
+    is kept when every branch has the same, else it reads ``"fused"``.
+    """
+    meta, matrix, names = _aligned(branch_scores, normalise_by)
+    if isinstance(weights, str):
+        if weights not in LABEL_FREE_RULES:
+            raise ValueError(f"weights must be a dict or one of {LABEL_FREE_RULES}, got {weights!r}")
+        fused = matrix.mean(axis=1) if weights == "mean" else matrix.max(axis=1)
+    else:
+        fused = matrix @ _weight_vector(weights, names)
+    return meta.assign(score=fused)[SCORE_COLUMNS]
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight search
+# --------------------------------------------------------------------------------------------------
+def official_objective(scores: pd.DataFrame) -> float:
+    """The official score (hmean of every AUC(source), AUC(target) and pAUC) of labelled scores."""
+    sections = metrics.section_metrics(scores)
+    return metrics.official_score(sections[["auc_source", "auc_target", "pauc"]].to_numpy().ravel())
+
+
+def _official_score_of_vectors(meta: pd.DataFrame) -> Callable[[np.ndarray], float]:
+    """``official_objective`` as a function of a score vector over ``meta``'s rows.
+
+    The search evaluates the objective dozens of times on the same clips: the section masks are
+    built once here (``kit.metrics.section_metrics`` checks the sections once, with its errors), and
+    each call is the same sklearn AUC/pAUC calls and floored harmonic mean.
+    """
+    metrics.section_metrics(meta.assign(score=0.0))
+    sections = []
+    for _, group in meta.groupby(["machine", "section"], sort=True):
+        rows = group.index.to_numpy()
+        anomalous = (group["label"] == "anomaly").to_numpy()
+        target = (group["domain"] == "target").to_numpy()
+        sections.append((rows, anomalous.astype(int), ~target | anomalous, target | anomalous))
+
+    def official(values: np.ndarray) -> float:
+        results = []
+        for rows, y_true, source_mask, target_mask in sections:
+            score = values[rows]
+            results += [
+                roc_auc_score(y_true[source_mask], score[source_mask]),
+                roc_auc_score(y_true[target_mask], score[target_mask]),
+                roc_auc_score(y_true, score, max_fpr=metrics.MAX_FPR),
+            ]
+        return metrics.official_score(results)
+
+    return official
+
+
+class _FewRestartsUCB(acquisition.UpperConfidenceBound):
+    """bayes_opt's default acquisition (UCB, kappa 2.576) maximised with fewer L-BFGS-B restarts.
+
+    The default ten restarts with numerical gradients dominate the search time (seconds per
+    proposal); fusion weights are a smooth, low-dimensional problem where a few restarts from the
+    best of 10,000 random candidates find the same proposals.
+    """
+
+    def __init__(self, restarts: int, random_state: int):
+        super().__init__(kappa=2.576, random_state=random_state)
+        self.restarts = restarts
+
+    def suggest(self, gp, target_space, n_random=10_000, n_smart=10, fit_gp=True, random_state=None):
+        return super().suggest(
+            gp,
+            target_space,
+            n_random=n_random,
+            n_smart=self.restarts,
+            fit_gp=fit_gp,
+            random_state=random_state,
+        )
+
+
+def _development_test_rows(meta: pd.DataFrame) -> np.ndarray:
+    rows = ((meta["dataset"] == "dev") & (meta["split"] == "test")).to_numpy()
+    if not rows.any():
+        raise ValueError(
+            "the weight search needs development test clips (dataset 'dev', split 'test'); none found"
+        )
+    unlabelled = ~meta.loc[rows, "label"].isin(["normal", "anomaly"]) | ~meta.loc[rows, "domain"].isin(
+        ["source", "target"]
+    )
+    if unlabelled.any():
+        clip = meta.loc[rows].loc[unlabelled.to_numpy(), CLIP_KEY].iloc[0].tolist()
+        raise ValueError(
+            f"the weight search needs labels and domains of the development test clips; {int(unlabelled.sum())} "
+            f"are unknown (e.g. {clip})"
+        )
+    return rows
+
+
+def search_weights(
+    branch_scores: Mapping[str, pd.DataFrame],
+    n_iter: int = 40,
+    init_points: int = 10,
+    seed: int = 0,
+    objective: Callable[[pd.DataFrame], float] | None = None,
+    normalise_by: str | None = "train",
+    progress: bool = True,
+) -> tuple[dict[str, float], float, pd.DataFrame]:
+    """Bayesian optimisation of the fusion weights on the development test clips.
+
+    Each weight ranges over [0, 1]. The search first evaluates every branch alone and the equal mix
+    (so the result is never worse on the objective than the best single branch or the plain mean),
+    then ``init_points`` random weight vectors (seeded), then ``n_iter`` points proposed by the
+    Gaussian-process optimiser. ``objective(fused_scores) -> float`` is maximised over the fused
+    scores of the labelled development test clips; default: the official score.
+
+    Returns ``(weights, best objective, history)``: the best weights normalised to sum 1, the
+    objective they reach, and one history row per evaluation (``step``, ``phase``, the normalised
+    weights, ``objective``).
+    """
+    for name, value in (("n_iter", n_iter), ("init_points", init_points)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    clashing = sorted({"step", "phase", "objective"} & set(branch_scores))
+    if clashing:
+        raise ValueError(f"branch names {clashing} clash with the search history's columns; rename them")
+    meta, matrix, names = _aligned(branch_scores, normalise_by)
+    rows = _development_test_rows(meta)
+    evaluated_meta, evaluated = meta[rows].reset_index(drop=True), matrix[rows]
+    official = _official_score_of_vectors(evaluated_meta) if objective is None else None
+    parameter = {name: f"w{i}" for i, name in enumerate(names)}  # optimiser-safe keys, any branch names
+    history: list[dict] = []
+
+    def evaluate(raw: Mapping[str, float], phase: str) -> float:
+        vector = np.array([raw[parameter[name]] for name in names], dtype=float)
+        vector = vector / vector.sum() if vector.sum() > 0 else np.full(len(names), 1.0 / len(names))
+        fused = evaluated @ vector
+        value = official(fused) if objective is None else float(objective(evaluated_meta.assign(score=fused)))
+        if not math.isfinite(value):
+            raise ValueError(f"the objective returned {value} for weights {dict(zip(names, vector))}")
+        history.append({"step": len(history), "phase": phase, **dict(zip(names, vector)), "objective": value})
+        return value
+
+    optimiser = BayesianOptimization(
+        f=None,
+        pbounds={parameter[name]: (0.0, 1.0) for name in names},
+        acquisition_function=_FewRestartsUCB(restarts=3, random_state=seed),
+        random_state=seed,
+        verbose=0,
+        allow_duplicate_points=True,
+    )
+    rng = np.random.default_rng(seed)
+    starts = [("single", np.eye(len(names))[i]) for i in range(len(names))] + [("mean", np.ones(len(names)))]
+    starts += [("random", rng.random(len(names))) for _ in range(init_points)]
+    bar = tqdm(total=len(starts) + n_iter, desc="fusion weights", disable=not progress)
+    for phase, vector in starts:
+        point = {parameter[name]: float(v) for name, v in zip(names, vector)}
+        optimiser.register(params=point, target=evaluate(point, phase))
+        bar.update()
+    for _ in range(n_iter):
+        point = optimiser.suggest()
+        optimiser.register(params=point, target=evaluate(point, "bayes"))
+        bar.update()
+    bar.close()
+
+    table = pd.DataFrame(history)
+    best = table.loc[table["objective"].idxmax()]
+    return {name: float(best[name]) for name in names}, float(best["objective"]), table
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight files
+# --------------------------------------------------------------------------------------------------
+def _validated_weights(weights, source: str) -> dict[str, float]:
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError(f"{source}: fusion weights must be a non-empty mapping of branch name -> weight")
+    clean = {}
+    for name, value in weights.items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: weight {name!r}: {value!r} is not a branch name with a number")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{source}: weight of {name!r} must be finite and non-negative, got {value}")
+        clean[name] = float(value)
+    return clean
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    raise ValueError(f"weights file {path} must end in .json, .yaml or .yml")
+
+
+def save_weights(weights: Mapping[str, float], path: str | os.PathLike) -> Path:
+    """Write fusion weights to ``path`` (.json or .yaml/.yml by suffix), atomically."""
+    path = Path(path)
+    kind = _format(path)
+    weights = _validated_weights(dict(weights), str(path))
+    text = (
+        json.dumps(weights, indent=2) + "\n" if kind == "json" else yaml.safe_dump(weights, sort_keys=False)
+    )
+    return write_text_atomic(path, text)
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, float]:
+    """Read fusion weights written by ``save_weights`` (or by hand): branch name -> weight."""
+    path = Path(path)
+    kind = _format(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        weights = json.loads(text) if kind == "json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"weights file {path} is not valid {kind}: {error}") from error
+    return _validated_weights(weights, str(path))

@@ -1,0 +1,503 @@
+"""Anomaly scores from embeddings: KNN and Mahalanobis backends, domain references, channel policies.
+
+A clip is anomalous when its embedding lies far from the embeddings of the normal training clips of
+the same dataset, machine, section and channel (near and far are never mixed). Two distances:
+
+* ``knn``: cosine distance to the ``k`` nearest normal training embeddings (mean over the k).
+* ``mahalanobis``: distance to the mean of the normal training embeddings under their covariance.
+  With about 1,000 clips against hundreds of dimensions the empirical covariance is singular, so it
+  is shrunk towards a scaled identity, ``C = (1 - delta) * S + delta * trace(S) / D * I`` (``S`` the
+  maximum-likelihood covariance), with ``delta`` from Ledoit-Wolf or fixed.
+
+Target-domain handling (only 10 target training clips per section): one pooled reference set, or
+separate source and target references scored apart with the smaller distance taken; and optional
+SMOTE-style oversampling of the target references (points interpolated between random pairs of
+target clips).
+
+Training clips are scored too (for score normalisation and decision thresholds), leave-one-out: a
+training clip is never its own reference. Every function here works on whole matrices; the only
+Python loops run over (machine, section, channel) groups and over row chunks of a distance matrix.
+
+Scores are a DataFrame with columns ``SCORE_COLUMNS``; larger = more anomalous.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+from tqdm.auto import tqdm
+
+SCORE_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain", "label", "channel", "score"]
+GROUP_COLUMNS = ["dataset", "machine", "section"]
+CLIP_KEY = ["dataset", "machine", "section", "split", "file_name"]
+BACKENDS = ("knn", "mahalanobis")
+CHANNEL_POLICIES = ("near", "far", "mean", "residual")
+
+# Rows of the test matrix handled per distance block: bounds memory at CHUNK x R floats.
+_CHUNK_ROWS = 2048
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+def _as_matrix(name: str, x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [rows, dims], got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        row = int(np.argwhere(~np.isfinite(x))[0, 0])
+        raise ValueError(f"{name} holds NaN or infinite values (first at row {row})")
+    return x
+
+
+def _check_same_dims(test: np.ndarray, ref: np.ndarray) -> None:
+    if test.shape[1] != ref.shape[1]:
+        raise ValueError(f"test embeddings have {test.shape[1]} dims but references have {ref.shape[1]}")
+
+
+def _unit_rows(name: str, x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32); a zero row has no direction, hence no cosine."""
+    x = x.astype(np.float32, copy=False)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
+        raise ValueError(f"{name} row {row} is all zeros: the cosine distance is undefined for it")
+    return x / norms
+
+
+# --------------------------------------------------------------------------------------------------
+# KNN
+# --------------------------------------------------------------------------------------------------
+def _knn_from_unit(
+    test_unit: np.ndarray,
+    ref_unit: np.ndarray,
+    k: int,
+    test_self: np.ndarray | None = None,
+    ref_origin: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mean cosine distance to the k nearest references, computed in row chunks.
+
+    ``test_self[i]`` (or -1) names the clip test row i is; ``ref_origin[j]`` names the one or two
+    clips reference j was made from (a real clip: itself twice; a SMOTE point: its two parents).
+    References made from the test row's own clip are excluded (leave-one-out).
+    """
+    out = np.empty(len(test_unit), dtype=np.float64)
+    for start in range(0, len(test_unit), _CHUNK_ROWS):
+        stop = start + _CHUNK_ROWS
+        dist = 1.0 - test_unit[start:stop] @ ref_unit.T
+        if test_self is not None:
+            own = test_self[start:stop, None]
+            dist[(ref_origin[None, :, 0] == own) | (ref_origin[None, :, 1] == own)] = np.inf
+        if k == 1:
+            nearest = dist.min(axis=1, keepdims=True)
+        else:
+            nearest = np.partition(dist, k - 1, axis=1)[:, :k]
+        # Clip float32 round-off (1 - cos can dip just below 0 for identical directions).
+        out[start:stop] = np.maximum(nearest, 0.0).mean(axis=1)
+    return out
+
+
+def knn_distance(test, ref, k: int = 1) -> np.ndarray:
+    """Mean cosine distance ``1 - cos`` from each test row to its ``k`` nearest reference rows.
+
+    ``test`` [M, D], ``ref`` [R, D]; returns [M] float64. Invariant to the scale of every row.
+    """
+    test = _as_matrix("test", test)
+    ref = _as_matrix("ref", ref)
+    _check_same_dims(test, ref)
+    _check_k(k, len(ref))
+    return _knn_from_unit(_unit_rows("test", test), _unit_rows("ref", ref), k)
+
+
+def _check_k(k, n_ref: int, what: str = "reference set") -> None:
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > n_ref:
+        raise ValueError(f"k={k} exceeds the {n_ref} clips available in the {what}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Mahalanobis with a shrinkage covariance
+# --------------------------------------------------------------------------------------------------
+class _ShrunkGaussian:
+    """Mean and shrinkage covariance of a reference set, with a Cholesky factor for distances.
+
+    ``cov = (1 - delta) * S + delta * tau * I`` with ``S`` the maximum-likelihood covariance and
+    ``tau = trace(S) / D`` (sklearn's ``LedoitWolf`` / ``ShrunkCovariance`` definition).
+    """
+
+    def __init__(self, ref: np.ndarray, shrinkage: str | float):
+        ref = ref.astype(np.float64)
+        n, dims = ref.shape
+        if n < 2:
+            raise ValueError(f"a Mahalanobis reference needs at least 2 clips, got {n}")
+        self.n = n
+        self.mean = ref.mean(axis=0)
+        centred = ref - self.mean
+        empirical = centred.T @ centred / n
+        tau = float(np.trace(empirical)) / dims
+        self.delta = _shrinkage_intensity(centred, empirical, tau, shrinkage)
+        cov = (1.0 - self.delta) * empirical
+        cov[np.diag_indices(dims)] += self.delta * tau
+        self.chol = _cholesky(cov)
+
+    def squared_distance(self, test: np.ndarray) -> np.ndarray:
+        """``(x - mean)^T cov^-1 (x - mean)`` for each test row, by one triangular solve."""
+        diff = (test.astype(np.float64) - self.mean).T
+        whitened = scipy.linalg.solve_triangular(self.chol, diff, lower=True, check_finite=False)
+        return np.einsum("ij,ij->j", whitened, whitened)
+
+    def leave_one_out(self, squared_distance: np.ndarray) -> np.ndarray:
+        """Squared distance of reference clips to the Gaussian refitted without each, from their
+        in-set squared distances ``q``.
+
+        Without x_j the mean moves to ``mean - d / (n - 1)`` (``d = x_j - mean``) and the empirical
+        covariance to ``alpha S - n / (n - 1)^2 d d^T`` (``alpha = n / (n - 1)``). Keeping the full set's
+        intensity ``delta`` and its target rescaled like the covariance (``alpha tau``; the exact
+        trace of the smaller set differs by O(1/n)), the left-out covariance is ``alpha cov - beta d d^T``
+        with ``beta = (1 - delta) n / (n - 1)^2``, and Sherman-Morrison gives the exact distance
+        ``alpha q / (1 - beta q / alpha)``: leave-one-out at no extra cost.
+        """
+        n = self.n
+        alpha = n / (n - 1)
+        beta = (1.0 - self.delta) * n / (n - 1) ** 2
+        # 1 - beta q / alpha > 0 whenever the left-out covariance is positive definite; guard round-off.
+        return (
+            alpha * squared_distance / np.maximum(1.0 - beta * squared_distance / alpha, np.finfo(float).eps)
+        )
+
+
+def _shrinkage_intensity(
+    centred: np.ndarray, empirical: np.ndarray, tau: float, shrinkage: str | float
+) -> float:
+    """The fixed intensity, or Ledoit-Wolf's (sklearn's formula, from S and the row norms in O(N D))."""
+    if isinstance(shrinkage, str):
+        if shrinkage != "ledoit_wolf":
+            raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}")
+        n, dims = centred.shape
+        frobenius = float(np.sum(empirical**2))
+        # Sum over clips of ||x x^T - S||_F^2 = sum ||x||^4 - n ||S||_F^2: no second D x D product needed.
+        spread = (float(np.sum(np.sum(centred**2, axis=1) ** 2)) / n - frobenius) / (dims * n)
+        distance_to_target = (frobenius - dims * tau**2) / dims  # ||S - tau I||_F^2 / D
+        spread = min(spread, distance_to_target)
+        return 0.0 if spread == 0 else spread / distance_to_target
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float, np.floating)):
+        raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}")
+    if not 0.0 <= float(shrinkage) <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage}")
+    return float(shrinkage)
+
+
+def _cholesky(cov: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError as err:
+        raise ValueError(
+            "the reference covariance is singular (fewer clips than dimensions without shrinkage?): "
+            "use shrinkage='ledoit_wolf' or a shrinkage above 0"
+        ) from err
+
+
+def mahalanobis_distance(test, ref, shrinkage: str | float = "ledoit_wolf") -> np.ndarray:
+    """Mahalanobis distance of each test row [M, D] to the Gaussian of ``ref`` [R, D]; returns [M].
+
+    The covariance is the shrinkage estimate described in the module docstring: ``"ledoit_wolf"``
+    picks the intensity from the data, a float in [0, 1] fixes it (0 = plain empirical covariance).
+    Distances come from a Cholesky factor and a triangular solve over all rows at once.
+    """
+    test = _as_matrix("test", test)
+    ref = _as_matrix("ref", ref)
+    _check_same_dims(test, ref)
+    return np.sqrt(_ShrunkGaussian(ref, shrinkage).squared_distance(test))
+
+
+# --------------------------------------------------------------------------------------------------
+# SMOTE-style oversampling
+# --------------------------------------------------------------------------------------------------
+def smote_oversample(points, n_new: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n_new`` synthetic points, each on the segment between a random pair of distinct ``points``.
+
+    Returns ``(synthetic [n_new, D], parents [n_new, 2])`` where ``parents`` are row indices into
+    ``points``; the same seed gives the same points.
+    """
+    points = _as_matrix("points", points)
+    if not isinstance(n_new, (int, np.integer)) or n_new < 0:
+        raise ValueError(f"the number of SMOTE points must be a non-negative integer, got {n_new!r}")
+    if n_new and len(points) < 2:
+        raise ValueError(f"SMOTE needs at least 2 points to interpolate between, got {len(points)}")
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, len(points), n_new)
+    # Draw the partner from the other n - 1 rows so a pair is never a point with itself.
+    second = rng.integers(0, len(points) - 1, n_new) if n_new else np.zeros(0, dtype=np.int64)
+    second = second + (second >= first)
+    position = rng.random((n_new, 1))
+    synthetic = points[first] + position * (points[second] - points[first])
+    return synthetic.astype(points.dtype, copy=False), np.stack([first, second], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# One group: references, domains, leave-one-out
+# --------------------------------------------------------------------------------------------------
+def score_group(
+    test_emb,
+    train_emb,
+    train_domain,
+    backend: str = "knn",
+    k: int = 1,
+    separate_domains: bool = False,
+    smote: int = 0,
+    *,
+    shrinkage: str | float = "ledoit_wolf",
+    seed: int = 0,
+    loo_index=None,
+) -> np.ndarray:
+    """Score ``test_emb`` [M, D] against the normal training embeddings ``train_emb`` [R, D] of one group.
+
+    * ``separate_domains=False``: one reference set of all training clips. ``True``: source and
+      target references (``train_domain`` "source" / "target") are scored apart and the smaller
+      distance is kept, so a clip close to either domain's normal data scores low.
+    * ``smote``: that many synthetic target references (``smote_oversample`` of the target clips,
+      seeded by ``seed``) join the target (or pooled) references. KNN only: interpolated points add
+      no direction to a covariance.
+    * ``loo_index[i]``: the row of ``train_emb`` that test row i is, same clip and same embedding (-1
+      when it is not a reference); that clip, and SMOTE points made from it, are left out of test
+      row i's references.
+    * ``shrinkage``: the Mahalanobis covariance shrinkage (see ``mahalanobis_distance``).
+
+    Returns [M] float64 scores, larger = more anomalous.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    test_emb = _as_matrix("test_emb", test_emb)
+    train_emb = _as_matrix("train_emb", train_emb)
+    _check_same_dims(test_emb, train_emb)
+    train_domain = np.asarray(train_domain, dtype=object)
+    if len(train_domain) != len(train_emb):
+        raise ValueError(
+            f"train_domain has {len(train_domain)} entries for {len(train_emb)} training embeddings"
+        )
+    if not isinstance(smote, (int, np.integer)) or smote < 0:
+        raise ValueError(f"smote must be a non-negative integer, got {smote!r}")
+    if smote and backend != "knn":
+        raise ValueError("smote oversampling applies to the knn backend only")
+    loo = _check_loo_index(loo_index, len(test_emb), len(train_emb))
+
+    if separate_domains:
+        unknown = sorted(set(train_domain) - {"source", "target"})
+        if unknown:
+            raise ValueError(f"separate_domains needs training domains 'source'/'target', found {unknown}")
+        reference_sets = [np.flatnonzero(train_domain == "source"), np.flatnonzero(train_domain == "target")]
+        for name, rows in zip(("source", "target"), reference_sets):
+            if len(rows) == 0:
+                raise ValueError(f"separate_domains=True but the group has no {name} training clips")
+    else:
+        reference_sets = [np.arange(len(train_emb))]
+
+    target_rows = np.flatnonzero(train_domain == "target")
+    if smote and len(target_rows) < 2:
+        raise ValueError(f"smote needs at least 2 target training clips, the group has {len(target_rows)}")
+
+    scores = np.full(len(test_emb), np.inf)
+    for rows in reference_sets:
+        # SMOTE points join whichever reference set holds the target clips.
+        with_smote = smote > 0 and np.isin(target_rows, rows).all()
+        if backend == "knn":
+            distance = _knn_reference_set(
+                test_emb, train_emb, rows, target_rows, k, smote if with_smote else 0, seed, loo
+            )
+        else:
+            distance = _mahalanobis_reference_set(test_emb, train_emb, rows, shrinkage, loo)
+        scores = np.minimum(scores, distance)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"k={k} leaves some clips without {k} references once their own clip is left out")
+    return scores
+
+
+def _check_loo_index(loo_index, n_test: int, n_train: int) -> np.ndarray | None:
+    if loo_index is None:
+        return None
+    loo = np.asarray(loo_index)
+    if loo.shape != (n_test,) or not np.issubdtype(loo.dtype, np.integer):
+        raise ValueError(
+            f"loo_index must be an integer array of shape ({n_test},), got {loo.dtype} {loo.shape}"
+        )
+    if ((loo < -1) | (loo >= n_train)).any():
+        raise ValueError(
+            f"loo_index values must be -1 or a training row in [0, {n_train}), got {loo.min()}..{loo.max()}"
+        )
+    return loo
+
+
+def _knn_reference_set(test_emb, train_emb, rows, target_rows, k, n_smote, seed, loo) -> np.ndarray:
+    refs = train_emb[rows]
+    origin = np.stack([rows, rows], axis=1)
+    if n_smote:
+        synthetic, parents = smote_oversample(train_emb[target_rows], n_smote, seed=seed)
+        refs = np.concatenate([refs, synthetic])
+        origin = np.concatenate([origin, target_rows[parents]])
+    # A left-out clip loses itself, so the set must hold k others.
+    left_out = 1 if loo is not None and np.isin(loo, rows).any() else 0
+    _check_k(k, len(rows) + n_smote - left_out, f"reference set of {len(rows)} clips (+{n_smote} SMOTE)")
+    return _knn_from_unit(_unit_rows("test_emb", test_emb), _unit_rows("train_emb", refs), k, loo, origin)
+
+
+def _mahalanobis_reference_set(test_emb, train_emb, rows, shrinkage, loo) -> np.ndarray:
+    gaussian = _ShrunkGaussian(train_emb[rows], shrinkage)
+    squared = gaussian.squared_distance(test_emb)
+    if loo is not None:
+        # Test rows that are clips of this reference set (loo_index says test row i is that clip).
+        in_set = np.zeros(len(train_emb), dtype=bool)
+        in_set[rows] = True
+        member = (loo >= 0) & in_set[np.maximum(loo, 0)]
+        squared[member] = gaussian.leave_one_out(squared[member])
+    return np.sqrt(squared)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole embedding sets: groups and channel policies
+# --------------------------------------------------------------------------------------------------
+_META_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain", "label", "channel"]
+
+
+def _check_meta(meta: pd.DataFrame, emb: np.ndarray) -> None:
+    missing = [c for c in _META_COLUMNS if c not in meta.columns]
+    if missing:
+        raise ValueError(f"embedding meta lacks columns {missing}; it needs {_META_COLUMNS}")
+    if len(meta) != len(emb):
+        raise ValueError(f"embedding meta has {len(meta)} rows but the embedding matrix has {len(emb)}")
+    channels = sorted(set(meta["channel"]) - {"near", "far"})
+    if channels:
+        raise ValueError(f"embedding meta channel must be 'near' or 'far', found {channels}")
+    duplicated = meta.duplicated(CLIP_KEY + ["channel"])
+    if duplicated.any():
+        row = meta.loc[duplicated, CLIP_KEY + ["channel"]].iloc[0].tolist()
+        raise ValueError(f"embedding meta holds clip {row} more than once")
+
+
+def _score_channel(
+    clips: pd.DataFrame, emb: np.ndarray, options: dict, include_train: bool = True
+) -> np.ndarray:
+    """Scores of the clips of one group and channel; normal training clips are the references.
+
+    With ``include_train=False`` training clips are not scored (NaN), which halves the work.
+    """
+    is_reference = ((clips["split"] == "train") & (clips["label"] == "normal")).to_numpy()
+    reference_rows = np.flatnonzero(is_reference)
+    if len(reference_rows) == 0:
+        group = clips[GROUP_COLUMNS].iloc[0].tolist()
+        raise ValueError(f"group {group} has no normal training clips to use as references")
+    loo = np.full(len(clips), -1)
+    loo[reference_rows] = np.arange(len(reference_rows))
+    scored = np.ones(len(clips), dtype=bool) if include_train else (clips["split"] != "train").to_numpy()
+    scores = np.full(len(clips), np.nan)
+    scores[scored] = score_group(
+        emb[scored],
+        emb[reference_rows],
+        clips["domain"].to_numpy()[reference_rows],
+        loo_index=loo[scored],
+        **options,
+    )
+    return scores
+
+
+def _standardise_on_train(clips: pd.DataFrame, scores: np.ndarray) -> np.ndarray:
+    reference = ((clips["split"] == "train") & (clips["label"] == "normal")).to_numpy()
+    std = scores[reference].std()
+    if not std > 0:
+        group = clips[GROUP_COLUMNS].iloc[0].tolist()
+        raise ValueError(f"group {group}: training scores are constant, cannot standardise them")
+    return (scores - scores[reference].mean()) / std
+
+
+def _paired_channels(group: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of each clip's near and far rows, in near-row order."""
+    near = group[group["channel"] == "near"]
+    far = group[group["channel"] == "far"]
+    paired = near.reset_index().merge(
+        far[CLIP_KEY].reset_index(), on=CLIP_KEY, how="outer", suffixes=("_near", "_far"), indicator=True
+    )
+    unpaired = paired[paired["_merge"] != "both"]
+    if len(unpaired):
+        first = unpaired.iloc[0]
+        side = "far" if first["_merge"] == "left_only" else "near"
+        raise ValueError(
+            f"clip {first[CLIP_KEY].tolist()} has no {side} embedding: this channel policy needs near and far "
+            f"for every clip ({len(unpaired)} clips unpaired)"
+        )
+    paired = paired.sort_values("index_near", kind="stable")  # an outer merge sorts by key; keep meta order
+    return paired["index_near"].to_numpy(dtype=int), paired["index_far"].to_numpy(dtype=int)
+
+
+def score_embeddings(
+    meta: pd.DataFrame,
+    emb,
+    *,
+    backend: str = "knn",
+    k: int = 1,
+    separate_domains: bool = False,
+    smote: int = 0,
+    channel_policy: str = "near",
+    include_train: bool = True,
+    shrinkage: str | float = "ledoit_wolf",
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Score every clip of ``(meta, emb)`` per (dataset, machine, section) group.
+
+    References are the group's normal training clips of the same channel; training clips are scored
+    leave-one-out. ``backend``, ``k``, ``separate_domains``, ``smote``, ``shrinkage`` and ``seed`` are
+    those of ``score_group``. ``channel_policy`` decides what one clip's score is made of (the output
+    ``channel`` column names the policy):
+
+    * ``"near"``: the near-channel embedding against near references (the submitted channel).
+    * ``"far"``: the far-channel embedding against far references.
+    * ``"mean"``: near and far scored apart, each standardised with the mean and standard
+      deviation of its own training-clip (leave-one-out) scores, then averaged per clip.
+    * ``"residual"``: the noise-aware policy. The far microphone hears the environment about as the
+      near one does but the machine less, so ``near_emb - far_emb`` cancels what both share (noise)
+      and keeps the machine part; the residual is rescaled to unit length and scored as its own
+      channel (references: the residuals of the normal training clips).
+
+    Returns a scores DataFrame (``SCORE_COLUMNS``), one row per clip, training clips included when
+    ``include_train``.
+    """
+    if channel_policy not in CHANNEL_POLICIES:
+        raise ValueError(f"channel_policy must be one of {CHANNEL_POLICIES}, got {channel_policy!r}")
+    emb = _as_matrix("emb", emb)
+    _check_meta(meta, emb)
+    meta = meta.reset_index(drop=True)
+    options = dict(
+        backend=backend, k=k, separate_domains=separate_domains, smote=smote, shrinkage=shrinkage, seed=seed
+    )
+
+    parts = []
+    groups = meta.groupby(GROUP_COLUMNS, sort=False)
+    for _, group in tqdm(
+        groups, total=groups.ngroups, desc=f"score {backend}/{channel_policy}", disable=not progress
+    ):
+        if channel_policy in ("near", "far"):
+            clips = group[group["channel"] == channel_policy]
+            if clips.empty:
+                raise ValueError(
+                    f"group {group[GROUP_COLUMNS].iloc[0].tolist()} has no {channel_policy} embeddings"
+                )
+            scores = _score_channel(clips, emb[clips.index.to_numpy()], options, include_train)
+        else:
+            near_rows, far_rows = _paired_channels(group)
+            clips = meta.loc[near_rows]
+            if channel_policy == "mean":  # training scores are needed for the standardisation
+                near_scores = _standardise_on_train(clips, _score_channel(clips, emb[near_rows], options))
+                far_scores = _standardise_on_train(clips, _score_channel(clips, emb[far_rows], options))
+                scores = (near_scores + far_scores) / 2.0
+            else:
+                residual = emb[near_rows].astype(np.float32) - emb[far_rows].astype(np.float32)
+                residual = _unit_rows("near - far residual", residual)
+                scores = _score_channel(clips, residual, options, include_train)
+        part = clips[_META_COLUMNS].assign(channel=channel_policy, score=scores)
+        parts.append(part if include_train else part[part["split"] != "train"])
+    if not parts:
+        return pd.DataFrame(columns=SCORE_COLUMNS)
+    return pd.concat(parts, ignore_index=True)[SCORE_COLUMNS]

@@ -1,0 +1,287 @@
+"""Scoring backends on constructed embeddings whose right answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from sklearn.covariance import LedoitWolf, ShrunkCovariance
+from sklearn.metrics import roc_auc_score
+
+from kit import scoring
+
+
+def clip_table(
+    machine="fan", n_source=30, n_target=4, n_normal=10, n_anomaly=10, dataset="dev"
+) -> pd.DataFrame:
+    """One row per clip of one section: training (source + target) then test (normal + anomaly)."""
+    rows = []
+    for i in range(n_source):
+        rows.append(("train", f"section_00_source_train_normal_{i:04d}.wav", "source", "normal"))
+    for i in range(n_target):
+        rows.append(("train", f"section_00_target_train_normal_{i:04d}.wav", "target", "normal"))
+    for i in range(n_normal):
+        rows.append(("test", f"section_00_source_test_normal_{i:04d}.wav", "source", "normal"))
+    for i in range(n_anomaly):
+        rows.append(("test", f"section_00_source_test_anomaly_{i:04d}.wav", "source", "anomaly"))
+    table = pd.DataFrame(rows, columns=["split", "file_name", "domain", "label"])
+    return table.assign(dataset=dataset, machine=machine, section="00")
+
+
+def with_channels(clips: pd.DataFrame, channels=("near",)) -> pd.DataFrame:
+    """The embedding meta: the clip table once per channel, channel-major."""
+    return pd.concat([clips.assign(channel=c) for c in channels], ignore_index=True)
+
+
+def test_knn_matches_brute_force_loop():
+    rng = np.random.default_rng(0)
+    test, ref = rng.normal(size=(12, 6)), rng.normal(size=(25, 6))
+    for k in (1, 3):
+        expected = []
+        for x in test:
+            cos = [x @ r / np.linalg.norm(x) / np.linalg.norm(r) for r in ref]
+            expected.append(np.mean(sorted(1 - c for c in cos)[:k]))
+        np.testing.assert_allclose(scoring.knn_distance(test, ref, k=k), expected, atol=1e-5)
+
+
+def test_knn_cosine_distance_ignores_row_scale():
+    rng = np.random.default_rng(1)
+    test, ref = rng.normal(size=(8, 5)), rng.normal(size=(20, 5))
+    scaled = scoring.knn_distance(
+        test * rng.uniform(0.1, 10, (8, 1)), ref * rng.uniform(0.1, 10, (20, 1)), k=2
+    )
+    np.testing.assert_allclose(scaled, scoring.knn_distance(test, ref, k=2), atol=1e-6)
+
+
+def test_knn_rejects_bad_input():
+    ref = np.ones((3, 4))
+    with pytest.raises(ValueError, match="exceeds"):
+        scoring.knn_distance(np.ones((2, 4)), ref, k=4)
+    with pytest.raises(ValueError, match="NaN"):
+        scoring.knn_distance(np.array([[np.nan, 1, 1, 1]]), ref)
+    with pytest.raises(ValueError, match="dims"):
+        scoring.knn_distance(np.ones((2, 5)), ref)
+    with pytest.raises(ValueError, match="all zeros"):
+        scoring.knn_distance(np.zeros((1, 4)), ref)
+
+
+@pytest.mark.parametrize("shrinkage", ["ledoit_wolf", 0.3])
+def test_mahalanobis_matches_scipy_with_the_same_covariance(shrinkage):
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    test = rng.normal(size=(7, 6)) * 2
+    model = LedoitWolf() if shrinkage == "ledoit_wolf" else ShrunkCovariance(shrinkage=shrinkage)
+    model.fit(ref)
+    precision = np.linalg.inv(model.covariance_)
+    expected = [scipy_mahalanobis(x, model.location_, precision) for x in test]
+    np.testing.assert_allclose(
+        scoring.mahalanobis_distance(test, ref, shrinkage=shrinkage), expected, rtol=1e-8
+    )
+
+
+def test_mahalanobis_rejects_singular_covariance_and_bad_shrinkage():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(4, 10))  # fewer clips than dimensions
+    with pytest.raises(ValueError, match="singular"):
+        scoring.mahalanobis_distance(ref, ref, shrinkage=0.0)
+    with pytest.raises(ValueError, match="shrinkage"):
+        scoring.mahalanobis_distance(ref, ref, shrinkage="oas")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        scoring.mahalanobis_distance(ref, ref, shrinkage=1.5)
+
+
+@pytest.mark.parametrize("shrinkage", ["ledoit_wolf", 0.2])
+def test_mahalanobis_leave_one_out_equals_refit_without_the_clip(shrinkage):
+    rng = np.random.default_rng(4)
+    n, dims = 15, 5
+    train = rng.normal(size=(n, dims))
+    loo = scoring.score_group(
+        train, train, ["source"] * n, backend="mahalanobis", shrinkage=shrinkage, loo_index=np.arange(n)
+    )
+    # Refit by hand without clip j: the full set's intensity, its target (mean variance) rescaled by n / (n - 1).
+    delta = LedoitWolf().fit(train).shrinkage_ if shrinkage == "ledoit_wolf" else shrinkage
+    tau = np.trace(np.cov(train.T, bias=True)) / dims * n / (n - 1)
+    for j in range(n):
+        rest = np.delete(train, j, axis=0)
+        cov = (1 - delta) * np.cov(rest.T, bias=True) + delta * tau * np.eye(dims)
+        expected = scipy_mahalanobis(train[j], rest.mean(axis=0), np.linalg.inv(cov))
+        assert loo[j] == pytest.approx(expected, rel=1e-8)
+    in_sample = scoring.mahalanobis_distance(train, train, shrinkage=shrinkage)
+    assert (loo > in_sample).all()
+
+
+def test_knn_leave_one_out_training_scores_exclude_the_clip_itself():
+    rng = np.random.default_rng(5)
+    clips = clip_table(n_source=12, n_target=3, n_normal=2, n_anomaly=2)
+    emb = rng.normal(size=(len(clips), 8))
+    scores = scoring.score_embeddings(with_channels(clips), emb, backend="knn", progress=False)
+    train = emb[:15]
+    unit = train / np.linalg.norm(train, axis=1, keepdims=True)
+    distance = 1 - unit @ unit.T
+    np.fill_diagonal(distance, np.inf)
+    np.testing.assert_allclose(scores["score"].to_numpy()[:15], distance.min(axis=1), atol=1e-5)
+    assert (scores["score"].to_numpy()[:15] > 1e-3).all()
+    without_train = scoring.score_embeddings(with_channels(clips), emb, include_train=False, progress=False)
+    assert (without_train["split"] == "test").all() and len(without_train) == 4
+    np.testing.assert_allclose(without_train["score"], scores["score"].to_numpy()[15:])
+
+
+def test_separate_domain_references_keep_target_normals_inlying():
+    """A target cluster far from the source: pooled, its normals look anomalous; separate, they do not."""
+    rng = np.random.default_rng(6)
+    source = rng.normal(size=(200, 4))
+    target = rng.normal(size=(10, 4)) + [12, 0, 0, 0]
+    train = np.concatenate([source, target])
+    domain = ["source"] * 200 + ["target"] * 10
+    target_normals = rng.normal(size=(20, 4)) + [12, 0, 0, 0]
+    pooled = scoring.score_group(target_normals, train, domain, backend="mahalanobis")
+    separate = scoring.score_group(
+        target_normals, train, domain, backend="mahalanobis", separate_domains=True
+    )
+    source_normals = scoring.score_group(
+        rng.normal(size=(20, 4)), train, domain, backend="mahalanobis", separate_domains=True
+    )
+    assert separate.mean() < 0.5 * pooled.mean()
+    assert separate.mean() < 2 * source_normals.mean()
+    # The separate score is the smaller of the two per-domain distances.
+    expected = np.minimum(
+        scoring.mahalanobis_distance(target_normals, source),
+        scoring.mahalanobis_distance(target_normals, target),
+    )
+    np.testing.assert_allclose(separate, expected)
+
+
+def test_separate_domains_needs_both_domains():
+    train = np.random.default_rng(7).normal(size=(6, 3))
+    with pytest.raises(ValueError, match="no target"):
+        scoring.score_group(train, train, ["source"] * 6, separate_domains=True)
+
+
+def test_smote_points_lie_on_segments_between_distinct_target_points():
+    points = np.random.default_rng(8).normal(size=(10, 5))
+    synthetic, parents = scoring.smote_oversample(points, 50, seed=3)
+    assert synthetic.shape == (50, 5) and (parents[:, 0] != parents[:, 1]).all()
+    start, end = points[parents[:, 0]], points[parents[:, 1]]
+    position = np.einsum("ij,ij->i", synthetic - start, end - start) / np.einsum(
+        "ij,ij->i", end - start, end - start
+    )
+    assert ((position >= 0) & (position <= 1)).all()
+    np.testing.assert_allclose(start + position[:, None] * (end - start), synthetic, atol=1e-10)
+    again, _ = scoring.smote_oversample(points, 50, seed=3)
+    np.testing.assert_array_equal(again, synthetic)
+    assert not np.allclose(scoring.smote_oversample(points, 50, seed=4)[0], synthetic)
+
+
+def test_smote_adds_references_and_leave_one_out_drops_a_clips_offspring():
+    rng = np.random.default_rng(9)
+    train = rng.normal(size=(12, 6))
+    domain = ["source"] * 10 + ["target"] * 2
+    test = rng.normal(size=(30, 6))
+    plain = scoring.score_group(test, train, domain, separate_domains=True)
+    oversampled = scoring.score_group(test, train, domain, separate_domains=True, smote=20)
+    assert (oversampled <= plain + 1e-9).all() and (oversampled < plain - 1e-6).any()
+    # With two target clips every SMOTE point descends from both: left out, target clip 10's only
+    # target reference is clip 11.
+    loo = scoring.score_group(
+        train[10:11], train, domain, separate_domains=True, smote=20, loo_index=np.array([10])
+    )
+    expected = min(
+        scoring.knn_distance(train[10:11], train[:10])[0], scoring.knn_distance(train[10:11], train[11:12])[0]
+    )
+    assert loo[0] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="knn backend only"):
+        scoring.score_group(test, train, domain, backend="mahalanobis", smote=5)
+
+
+def test_channels_are_never_mixed():
+    rng = np.random.default_rng(10)
+    clips = clip_table(n_source=20, n_target=0, n_normal=5, n_anomaly=5)
+    near = rng.normal(size=(len(clips), 8))
+    # Far embeddings identical to the near test clips: mixed in as references they would zero the near scores.
+    far = near.copy()
+    far[:20] = near[20:][rng.integers(0, 10, 20)]
+    meta = with_channels(clips, ("near", "far"))
+    emb = np.concatenate([near, far])
+    near_scores = scoring.score_embeddings(meta, emb, channel_policy="near", progress=False)
+    expected = scoring.knn_distance(near[20:], near[:20])
+    np.testing.assert_allclose(near_scores["score"].to_numpy()[20:], expected, atol=1e-5)
+    assert (near_scores["channel"] == "near").all()
+    far_scores = scoring.score_embeddings(meta, emb, channel_policy="far", progress=False)
+    np.testing.assert_allclose(
+        far_scores["score"].to_numpy()[20:], scoring.knn_distance(far[20:], far[:20]), atol=1e-5
+    )
+
+
+def test_groups_are_scored_apart():
+    rng = np.random.default_rng(11)
+    fan, valve = clip_table("fan", 10, 0, 3, 3), clip_table("valve", 10, 0, 3, 3)
+    emb_fan, emb_valve = rng.normal(size=(16, 5)), rng.normal(size=(16, 5))
+    both = scoring.score_embeddings(
+        with_channels(pd.concat([fan, valve], ignore_index=True)),
+        np.concatenate([emb_fan, emb_valve]),
+        progress=False,
+    )
+    alone = scoring.score_embeddings(with_channels(valve), emb_valve, progress=False)
+    np.testing.assert_allclose(both[both["machine"] == "valve"]["score"], alone["score"])
+    assert list(both.columns) == scoring.SCORE_COLUMNS
+
+
+def residual_world(seed=12):
+    """near = m + n, far = 0.3 m + n: a large shared noise n hides the machine part m (where anomalies live)."""
+    rng = np.random.default_rng(seed)
+    clips = clip_table(n_source=60, n_target=0, n_normal=30, n_anomaly=30)
+    dims = 16
+    machine = np.tile(np.eye(dims)[0] * 3, (len(clips), 1)) + 0.1 * rng.normal(size=(len(clips), dims))
+    machine[clips["label"].to_numpy() == "anomaly"] += np.eye(dims)[1] * 1.5
+    noise = 6 * rng.normal(size=(len(clips), dims))
+    meta = with_channels(clips, ("near", "far"))
+    return meta, np.concatenate([machine + noise, 0.3 * machine + noise])
+
+
+def test_residual_policy_removes_a_shared_noise_component():
+    meta, emb = residual_world()
+    results = {}
+    for policy in ("near", "residual"):
+        scores = scoring.score_embeddings(
+            meta, emb, channel_policy=policy, include_train=False, progress=False
+        )
+        results[policy] = roc_auc_score(scores["label"] == "anomaly", scores["score"])
+        assert (scores["channel"] == policy).all() and len(scores) == 60
+    assert results["residual"] > 0.95
+    assert results["near"] < 0.8
+
+
+def test_mean_policy_averages_train_standardised_channels():
+    meta, emb = residual_world(seed=13)
+    near = scoring.score_embeddings(meta, emb, channel_policy="near", progress=False)["score"].to_numpy()
+    far = scoring.score_embeddings(meta, emb, channel_policy="far", progress=False)["score"].to_numpy()
+    mean = scoring.score_embeddings(meta, emb, channel_policy="mean", progress=False)
+    train = (mean["split"] == "train").to_numpy()
+
+    def z(x):
+        return (x - x[train].mean()) / x[train].std()
+
+    np.testing.assert_allclose(mean["score"], (z(near) + z(far)) / 2, atol=1e-9)
+    assert (mean["channel"] == "mean").all()
+
+
+def test_score_embeddings_rejects_bad_input():
+    clips = clip_table(n_source=5, n_target=0, n_normal=2, n_anomaly=2)
+    meta, emb = with_channels(clips), np.random.default_rng(14).normal(size=(9, 4))
+    with pytest.raises(ValueError, match="channel_policy"):
+        scoring.score_embeddings(meta, emb, channel_policy="both", progress=False)
+    with pytest.raises(ValueError, match="backend"):
+        scoring.score_embeddings(meta, emb, backend="lof", progress=False)
+    with pytest.raises(ValueError, match="no far embedding"):
+        scoring.score_embeddings(meta, emb, channel_policy="residual", progress=False)
+    with pytest.raises(ValueError, match="9 rows but the embedding matrix has 8"):
+        scoring.score_embeddings(meta, emb[:8], progress=False)
+    with pytest.raises(ValueError, match="more than once"):
+        scoring.score_embeddings(pd.concat([meta, meta[:1]]), np.concatenate([emb, emb[:1]]), progress=False)
+    with pytest.raises(ValueError, match="exceeds"):
+        scoring.score_embeddings(meta, emb, k=5, progress=False)
+    bad = emb.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="row 3"):
+        scoring.score_embeddings(meta, bad, progress=False)
