@@ -407,3 +407,25 @@ def score_baseline(
             mean_residuals.append(residual.reshape(-1, N_MELS).mean(dim=0).cpu().numpy())
     scores = np.array(errors) if method == "MSE" else mahala_scores(np.stack(mean_residuals), precisions)
     return clips.assign(channel="near", score=scores)[SCORE_COLUMNS]
+
+
+def run_baseline(
+    index_df: pd.DataFrame,
+    run_dir: str | os.PathLike,
+    *,
+    epochs: int = 100,
+    methods: tuple[str, ...] = ("MSE", "MAHALA"),
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Train one autoencoder per machine type (reusing a saved model) and score every clip with each
+    method: ``{"baseline-MSE": scores, "baseline-MAHALA": scores}`` in the scores contract."""
+    per_method: dict[str, list[pd.DataFrame]] = {m: [] for m in methods}
+    for machine in sorted(index_df["machine"].unique()):
+        if not model_path(run_dir, machine).exists():
+            train_baseline(index_df, run_dir, machine, epochs=epochs, device=device, progress=progress)
+        for method in methods:
+            per_method[method].append(
+                score_baseline(index_df, run_dir, machine, method=method, device=device, progress=progress)
+            )
+    return {f"baseline-{m}": pd.concat(parts, ignore_index=True) for m, parts in per_method.items()}

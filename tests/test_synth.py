@@ -1,0 +1,313 @@
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from kit import synth, synth_check
+
+DEV_NAME = re.compile(
+    r"^section_00_(source|target)_(train|test)_(normal|anomaly)_(\d{4})_(noAttribute|[A-Za-z]+_[^_]+(_[A-Za-z]+_[^_]+)*)\.wav$"
+)
+EVAL_TEST_NAME = re.compile(r"^section_00_(\d{4})\.wav$")
+SMALL = {"scale": 0.1, "machines": ["SynValve", "SynBlower"], "progress": False}  # one dev, one eval, 6 s
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synth.generate(root, workers=1, **SMALL)
+    return root
+
+
+def _wav_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != synth.MANIFEST_NAME
+    }
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle))
+
+
+def test_plans_use_official_names_and_counts_for_every_machine():
+    for machine, spec in synth.MACHINES.items():
+        plans = synth.plan_machine(machine)
+        cells = {}
+        for plan in plans:
+            match = DEV_NAME.match(plan.official_name)
+            assert match, plan.official_name
+            domain, split, label, index, attributes = match.group(1, 2, 3, 4, 5)
+            assert (domain, split, label, int(index)) == (plan.domain, plan.split, plan.label, plan.index)
+            hidden = all(a.hidden for a in spec.attributes)
+            assert (attributes == "noAttribute") == hidden
+            cells[(split, domain, label)] = cells.get((split, domain, label), 0) + 1
+        assert cells == {
+            ("train", "source", "normal"): 40,
+            ("train", "target", "normal"): 10,
+            **{("test", d, label): 10 for d in synth.DOMAINS for label in synth.LABELS},
+        }
+        test_names = [p.file_name for p in plans if p.split == "test"]
+        if spec.dataset == "eval":
+            assert sorted(test_names) == [f"section_00_{i:04d}.wav" for i in range(40)]
+        else:
+            assert test_names == [p.official_name for p in plans if p.split == "test"]
+
+
+def test_target_domain_uses_other_attribute_values_and_test_cells_cover_them():
+    plans = synth.plan_machine("SynMotor")
+    source = {p.attributes for p in plans if p.domain == "source"}
+    target = {p.attributes for p in plans if p.domain == "target"}
+    assert source.isdisjoint(target)
+    assert {p.attributes for p in plans if p.domain == "target" and p.split == "train"} == target
+    anomalies = [p for p in plans if p.label == "anomaly"]
+    assert {p.anomaly for p in anomalies} <= set(synth.MACHINES["SynMotor"].anomalies)
+    assert all(synth.SEVERITY_RANGE[0] <= p.severity <= synth.SEVERITY_RANGE[1] for p in anomalies)
+    assert all(p.anomaly == "" and p.severity == 0.0 for p in plans if p.label == "normal")
+
+
+def test_layout_and_wav_format(dataset):
+    planned = {p.relative_path for m in SMALL["machines"] for p in synth.plan_machine(m, scale=0.1)}
+    wavs = {str(p.relative_to(dataset)) for p in dataset.rglob("*.wav")}
+    assert wavs == planned
+    assert not [p for p in dataset.rglob("*") if p.name.startswith(".")]  # no temporaries left
+    for path in dataset.rglob("*.wav"):
+        info = sf.info(path)
+        machine = path.parts[-3]
+        assert (info.samplerate, info.channels, info.subtype, info.format) == (16000, 2, "PCM_16", "WAV")
+        assert info.frames == synth.MACHINES[machine].duration_s * 16000
+    assert {spec.duration_s for spec in synth.MACHINES.values()} == {6, 10, 16}
+
+
+def test_train_and_test_counts(dataset):
+    train = [p.name for p in (dataset / "dev_data/raw/SynValve/train").iterdir()]
+    assert sum("_target_train_" in name for name in train) == 10
+    assert sum("_source_train_" in name for name in train) == 4
+    test = [DEV_NAME.match(p.name).group(1, 3) for p in (dataset / "dev_data/raw/SynValve/test").iterdir()]
+    assert sorted(test) == sorted((d, label) for d in synth.DOMAINS for label in synth.LABELS)
+    eval_train = list((dataset / "eval_data/raw/SynBlower/train").iterdir())
+    assert all(p.name.endswith("_noAttribute.wav") for p in eval_train) and len(eval_train) == 14
+
+
+def test_attribute_tables(dataset):
+    rows = _read_csv(dataset / "dev_data/raw/SynValve/attributes_00.csv")
+    assert rows[0] == ["file_name", "d1p", "d1v"]
+    listed = {row[0] for row in rows[1:]}
+    on_disk = {
+        f"SynValve/{p.parent.name}/{p.name}" for p in (dataset / "dev_data/raw/SynValve").rglob("*.wav")
+    }
+    assert listed == on_disk
+    for file_name, key, value in rows[1:]:
+        assert key == "pat" and file_name.endswith(f"_pat_{value}.wav")
+    eval_rows = _read_csv(dataset / "eval_data/raw/SynBlower/attributes_00.csv")
+    assert eval_rows[0] == ["file_name", "d1p", "d1v"]
+    assert all(
+        row[0].startswith("SynBlower/train/") and row[1:] == ["noAttribute", ""] for row in eval_rows[1:]
+    )
+    assert len(eval_rows) == 1 + 14  # training clips only: the test names are hidden
+
+
+def test_eval_names_hidden_and_ground_truth_consistent(dataset):
+    names = sorted(p.name for p in (dataset / "eval_data/raw/SynBlower/test").iterdir())
+    assert names == [f"section_00_{i:04d}.wav" for i in range(4)]
+    truth = dataset / "eval_ground_truth"
+    stem = "ground_truth_SynBlower_section_00_test.csv"
+    labels = dict(_read_csv(truth / "ground_truth_data" / stem))
+    domains = dict(_read_csv(truth / "ground_truth_domain" / stem))
+    official = dict(_read_csv(truth / "ground_truth_attributes" / stem))
+    assert sorted(labels) == sorted(domains) == sorted(official) == names
+    assert sorted(labels.values()) == ["0", "0", "1", "1"] and sorted(domains.values()) == [
+        "0",
+        "0",
+        "1",
+        "1",
+    ]
+    table = csv.DictReader((dataset / synth.CLIPS_CSV_NAME).read_text().splitlines())
+    clips = {row["path"].rsplit("/", 1)[-1]: row for row in table}
+    for name in names:
+        match = DEV_NAME.match(official[name] + ".wav")
+        domain, split, label = match.group(1, 2, 3)
+        assert split == "test" and match.group(5) == "noAttribute"
+        assert labels[name] == str(int(label == "anomaly")) and domains[name] == str(int(domain == "target"))
+        row = clips[name]
+        assert (row["official_name"], row["label"], row["domain"]) == (official[name] + ".wav", label, domain)
+        assert (row["anomaly"] != "") == (label == "anomaly")
+    assert "\r" not in (truth / "ground_truth_attributes" / stem).read_text()
+
+
+def test_generation_is_deterministic_whatever_the_workers(dataset, tmp_path):
+    synth.generate(tmp_path / "again", workers=2, **SMALL)
+    assert _wav_files(tmp_path / "again") == _wav_files(dataset)
+    other_seed = tmp_path / "seed1"
+    synth.generate(other_seed, seed=1, workers=1, **{**SMALL, "machines": ["SynBlower"]})
+    a = dataset / "eval_data/raw/SynBlower/train/section_00_target_train_normal_0000_noAttribute.wav"
+    assert a.read_bytes() != (other_seed / a.relative_to(dataset)).read_bytes()
+
+
+def test_far_channel_has_lower_machine_to_noise_ratio(dataset):
+    for plan in synth.plan_machine("SynValve", scale=0.1)[::4]:
+        clip = synth.render_clip(plan, seed=0)
+
+        def ratio_db(channel: np.ndarray, machine: np.ndarray) -> float:
+            return 10 * np.log10(np.sum(machine**2) / np.sum((channel - machine) ** 2))
+
+        assert ratio_db(clip.near, clip.near_machine) > ratio_db(clip.far, clip.far_machine) + 4.0
+        written, _ = sf.read(dataset / plan.relative_path, dtype="float32")
+        near_corr = np.corrcoef(written[:, 0], clip.near_machine)[0, 1]
+        far_corr = np.corrcoef(written[:, 1], clip.near_machine)[0, 1]
+        assert near_corr > 0.9 and far_corr < near_corr - 0.2
+        np.testing.assert_allclose(written[:, 0], clip.near, atol=1.0 / 32768)
+
+
+def test_attributes_and_anomalies_change_the_sound():
+    plan = synth.plan_machine("SynMotor", scale=0.1)[0]
+
+    def spectrum(p):
+        machine = synth.render_clip(p, seed=0).near_machine
+        return np.fft.rfftfreq(len(machine), 1 / 16000), np.abs(np.fft.rfft(machine)) ** 2
+
+    for f0 in (40.0, 60.0, 86.0):  # the speed attribute sets the fundamental
+        freqs, power = spectrum(dataclasses.replace(plan, settings=(("f0", f0), ("load", 0.0))))
+        low = freqs < 120
+        assert abs(freqs[low][np.argmax(power[low])] - f0) < 0.03 * f0
+    normal_freqs, normal = spectrum(plan)
+    band = (normal_freqs > 2000) & (normal_freqs < 5000)
+    gains = [
+        spectrum(dataclasses.replace(plan, label="anomaly", anomaly="bearing", severity=s))[1][band].sum()
+        / normal[band].sum()
+        for s in (0.05, 0.5, 1.0)
+    ]
+    assert gains[0] < gains[1] < gains[2] and gains[2] > 2.0  # graded: mild faults barely show
+
+
+def test_wavetable_reads_phases_just_below_a_whole_cycle():
+    phases = np.array([0.0, 0.25, 1.0 - 1e-12, 2.0 - 1e-9, 1e6 - 1e-7])
+    wave = synth._wavetable(phases, np.array([1.0]), np.random.default_rng(0))
+    assert wave.shape == (5,) and np.all(np.isfinite(wave)) and abs(wave[2] - wave[0]) < 1e-3
+
+
+def test_mono_layout_holds_the_near_channel(dataset, tmp_path):
+    summary = synth.generate(
+        tmp_path / "mono", layout="mono", workers=1, **{**SMALL, "machines": ["SynValve"]}
+    )
+    assert summary["channels"] == 1 and summary["layout"] == "mono"
+    stereo_files = sorted((dataset / "dev_data/raw/SynValve").rglob("*.wav"))
+    mono_files = sorted((tmp_path / "mono/dev_data/raw/SynValve").rglob("*.wav"))
+    assert [p.relative_to(dataset) for p in stereo_files] == [
+        p.relative_to(tmp_path / "mono") for p in mono_files
+    ]
+    mono, rate = sf.read(mono_files[0], dtype="int16")
+    stereo, _ = sf.read(stereo_files[0], dtype="int16")
+    assert rate == 16000 and mono.ndim == 1
+    np.testing.assert_array_equal(mono, stereo[:, 0])
+
+
+def test_idempotent_and_resumes_an_interrupted_run(tmp_path):
+    root = tmp_path / "data"
+    options = {**SMALL, "machines": ["SynBlower"], "workers": 1}
+    first = synth.generate(root, **options)
+    assert first["complete"] and first["clips"] == 18 and first["bytes"] > 0
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert synth.generate(root, **options) == first
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
+    # an interrupted run: manifest not complete, one clip missing
+    victim = next((root / "eval_data/raw/SynBlower/test").iterdir())
+    original = victim.read_bytes()
+    victim.unlink()
+    manifest = json.loads((root / synth.MANIFEST_NAME).read_text())
+    (root / synth.MANIFEST_NAME).write_text(json.dumps({**manifest, "complete": False}))
+    assert synth.generate(root, **options) == first
+    assert victim.read_bytes() == original
+
+
+def test_refuses_other_parameters_or_foreign_data(tmp_path):
+    root = tmp_path / "data"
+    synth.generate(root, workers=1, **{**SMALL, "machines": ["SynBlower"]})
+    with pytest.raises(FileExistsError, match="other parameters"):
+        synth.generate(root, seed=3, workers=1, **{**SMALL, "machines": ["SynBlower"]})
+    real = tmp_path / "real"
+    (real / "dev_data/raw/fan").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="did not write"):
+        synth.generate(real, **SMALL)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        synth.generate(tmp_path / "file", **SMALL)
+    (root / synth.MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        synth.generate(root, workers=1, **{**SMALL, "machines": ["SynBlower"]})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scale": -1.0}, "scale must be a positive"),
+        ({"scale": 0}, "scale must be a positive"),
+        ({"scale": float("nan")}, "scale must be a positive"),
+        ({"layout": "stereo"}, "unknown layout 'stereo'"),
+        ({"machines": ["fan"]}, r"unknown or no synthetic machines \['fan'\]"),
+        ({"machines": []}, "unknown or no synthetic machines"),
+        ({"seed": -2}, "seed must be a non-negative integer"),
+        ({"workers": 0}, "workers must be at least 1"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        synth.generate(tmp_path / "data", **{"progress": False, **options})
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_machine_plan_raises():
+    with pytest.raises(ValueError, match="unknown synthetic machine 'Fan'"):
+        synth.plan_machine("Fan")
+
+
+def test_check_scores_a_development_set(dataset):
+    results = synth_check.check(dataset, progress=False)
+    assert set(results) == {"near", "far"}
+    for result in results.values():
+        table = result["sections"]
+        assert list(table["machine"]) == ["SynValve"]
+        values = table[["auc_source", "auc_target", "pauc"]].to_numpy()
+        assert np.all((values >= 0) & (values <= 1)) and 0 < result["official"] <= 1
+        accuracy, chance = result["attributes"]["SynValve"]
+        assert 0 <= accuracy <= 1 and 0 < chance < 1
+        assert set(result["kinds"]["machine"]) == {"SynValve"}
+    assert "near channel: official score" in synth_check.report(results)
+
+
+def test_calibration_failures_name_the_missed_condition():
+    def result(official, source, target):
+        return {
+            "official": official,
+            "sections": pd.DataFrame({"auc_source": [source], "auc_target": [target]}),
+        }
+
+    assert (
+        synth_check.calibration_failures({"near": result(0.7, 0.8, 0.6), "far": result(0.5, 0.6, 0.4)}) == []
+    )
+    failures = synth_check.calibration_failures(
+        {"near": result(0.9, 0.6, 0.7), "far": result(0.95, 0.9, 0.9)}
+    )
+    assert len(failures) == 3
+    assert "outside [0.55, 0.8]" in failures[0] and "target" in failures[1] and "far" in failures[2]
+
+
+def test_check_rejects_missing_or_misnamed_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no development set"):
+        synth_check.check(tmp_path)
+    bad = tmp_path / "dev_data/raw/fan/train/clip.wav"
+    bad.parent.mkdir(parents=True)
+    sf.write(bad, np.zeros(1600, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match="not an official development clip name"):
+        synth_check.check(tmp_path)
+    with pytest.raises(ValueError, match="unknown metric"):
+        synth_check.check(tmp_path, metric="manhattan")
