@@ -1,9 +1,10 @@
 """Benchmarks that print a table (speed and memory are measured here, never asserted in tests).
 
-    python -m kit.bench backbones [--batch 8] [--seconds 10] [--repeats 3] [--device cpu|cuda]
+    python -m kit.bench backbones [--batch 8] [--seconds 10] [--repeats 5] [--device cpu|cuda]
 
 For each backbone at its release size with random weights (BEATs iter3, EAT-base, FISHER-small):
-clips/s for a batch of 10-s clips and the peak memory (CPU: peak resident memory of a fresh process
+clips/s for a batch of 10-s clips (median of ``--repeats`` timed batches after one warm-up, the two
+variants interleaved in one process) and the peak memory (CPU: peak resident memory of a fresh process
 that runs only that measurement; GPU: peak allocated memory, bf16 autocast), for the toolkit's
 implementation and for an *eager* reference of the same layers kept here: explicit softmax attention
 (``softmax(q k^T / sqrt(d) + bias) v``) instead of ``scaled_dot_product_attention``, and the
@@ -80,8 +81,7 @@ def _inputs(batch: int, seconds: float, seed: int = 0):
     return waves, torch.full((batch,), n)
 
 
-def measure(name: str, variant: str, batch: int, seconds: float, repeats: int, device: str) -> dict:
-    """One measurement in this process: clips/s, peak memory, and the output (for the equality check)."""
+def _model(name: str, device: str):
     import warnings
 
     from kit import backbones
@@ -89,48 +89,66 @@ def measure(name: str, variant: str, batch: int, seconds: float, repeats: int, d
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = backbones.load(name, config=RELEASE[name]).to(device).eval()
-    waves, lengths = _inputs(batch, seconds)
-    waves, lengths = waves.to(device), lengths.to(device)
-    cuda = device.startswith("cuda")
+        return backbones.load(name, config=RELEASE[name]).to(device).eval()
+
+
+def _forward(model, waves, lengths, variant: str, cuda: bool) -> tuple[torch.Tensor, float]:
     ctx = eager_mode() if variant == "eager" else contextlib.nullcontext()
     with ctx, torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        tokens, _ = model(waves, lengths)  # warm-up
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        for _ in range(repeats):
-            tokens, _ = model(waves, lengths)
+        tokens, _ = model(waves, lengths)
         if cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+        return tokens, time.perf_counter() - start
+
+
+def measure_speed(name: str, batch: int, seconds: float, repeats: int, device: str) -> dict:
+    """Both variants in one process, batches interleaved (fast, eager, fast, ...), so a machine whose
+    speed drifts affects both alike; the median batch time of each is kept."""
+    model = _model(name, device)
+    waves, lengths = (t.to(device) for t in _inputs(batch, seconds))
+    cuda = device.startswith("cuda")
+    outputs = {
+        v: _forward(model, waves, lengths, v, cuda)[0].float().cpu() for v in ("fast", "eager")
+    }  # warm-up
+    times = {"fast": [], "eager": []}
+    for _ in range(repeats):
+        for variant in times:
+            times[variant].append(_forward(model, waves, lengths, variant, cuda)[1])
+    median = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
     return {
         "backbone": name,
         "config": RELEASE[name],
-        "variant": variant,
         "device": device,
         "precision": "bf16 autocast" if cuda else "fp32",
-        "clips_per_s": batch * repeats / elapsed,
-        "peak_mb": peak,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "output": tokens.float().cpu().flatten()[:200000].tolist(),
+        "clips_per_s": batch / median["fast"],
+        "eager_clips_per_s": batch / median["eager"],
+        "speedup": median["eager"] / median["fast"],
+        "max_abs_diff": float((outputs["fast"] - outputs["eager"]).abs().max()),
     }
 
 
-def _run_isolated(name, variant, args) -> dict:
+def measure_memory(name: str, variant: str, batch: int, seconds: float, device: str) -> float:
+    """Peak memory (MB) of one forward pass: the process's peak resident set on the CPU (run it in a
+    fresh process), the peak allocated memory on a GPU."""
+    model = _model(name, device)
+    waves, lengths = (t.to(device) for t in _inputs(batch, seconds))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _forward(model, waves, lengths, variant, cuda)
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_isolated(args, *what) -> dict:
     cmd = [
         sys.executable,
         "-m",
         "kit.bench",
-        "_one",
-        name,
-        variant,
+        *what,
         "--batch",
         str(args.batch),
         "--seconds",
@@ -144,25 +162,17 @@ def _run_isolated(name, variant, args) -> dict:
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark of {name}/{variant} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"benchmark step {what} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def backbones_table(args) -> list[dict]:
     rows = []
     for name in args.backbones:
-        fast = _run_isolated(name, "fast", args)
-        eager = _run_isolated(name, "eager", args)
-        diff = max(abs(a - b) for a, b in zip(fast.pop("output"), eager.pop("output")))
-        rows.append(
-            {
-                **fast,
-                "eager_clips_per_s": eager["clips_per_s"],
-                "eager_peak_mb": eager["peak_mb"],
-                "speedup": fast["clips_per_s"] / eager["clips_per_s"],
-                "max_abs_diff": diff,
-            }
-        )
+        row = _run_isolated(args, "_speed", name)
+        row["peak_mb"] = _run_isolated(args, "_memory", name, "fast")["peak_mb"]
+        row["eager_peak_mb"] = _run_isolated(args, "_memory", name, "eager")["peak_mb"]
+        rows.append(row)
     return rows
 
 
@@ -184,21 +194,23 @@ def print_table(rows: list[dict], batch: int, seconds: float) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="toolkit benchmarks")
-    parser.add_argument("what", choices=["backbones", "_one"])
+    parser.add_argument("what", choices=["backbones", "_speed", "_memory"])
     parser.add_argument("name", nargs="?")
     parser.add_argument("variant", nargs="?")
     parser.add_argument("--backbones", nargs="+", default=["beats", "eat", "fisher"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.what == "_one":
-        print(
-            json.dumps(measure(args.name, args.variant, args.batch, args.seconds, args.repeats, args.device))
-        )
+    if args.what == "_speed":
+        print(json.dumps(measure_speed(args.name, args.batch, args.seconds, args.repeats, args.device)))
+        return 0
+    if args.what == "_memory":
+        peak = measure_memory(args.name, args.variant, args.batch, args.seconds, args.device)
+        print(json.dumps({"peak_mb": peak}))
         return 0
     print_table(backbones_table(args), args.batch, args.seconds)
     return 0

@@ -232,8 +232,9 @@ class SelfAttention(nn.Module):
         if owns_bias_table:  # one table for all layers, stored (and trained) in layer 0
             self.relative_attention_bias = nn.Embedding(config.num_buckets, heads)
 
-    def forward(self, x: Tensor, position_bias: Tensor | None, key_mask: Tensor) -> Tensor:
-        """``x`` [B, N, D]; ``position_bias`` [H, N, N] or None; ``key_mask`` [B, 1, 1, N] (0 or -inf)."""
+    def forward(self, x: Tensor, position_bias: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        """``x`` [B, N, D]; ``position_bias`` [H, N, N] or None; ``key_mask`` [B, 1, 1, N] (0 or -inf), or
+        None when no clip of the batch has padding."""
         batch, length, dim = x.shape
 
         def heads(t: Tensor) -> Tensor:
@@ -246,10 +247,15 @@ class SelfAttention(nn.Module):
                 # gate_a * (gate_b * grep_a - 1) + 2, from the unscaled query of each head
                 gates = torch.sigmoid(self.grep_linear(q).view(batch, self.num_heads, length, 2, 4).sum(-1))
                 gate_a, gate_b = gates.chunk(2, dim=-1)
-                position_bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * position_bias
-            mask = position_bias + key_mask
+                gate = gate_a * (gate_b * self.grep_a - 1.0) + 2.0
+                # one pass over the [B, H, N, N] bias instead of a multiply and then an add
+                mask = gate * position_bias if key_mask is None else torch.addcmul(key_mask, gate, position_bias)
+            else:
+                mask = position_bias if key_mask is None else position_bias + key_mask
+        if mask is not None:
+            mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
@@ -274,7 +280,7 @@ class EncoderLayer(nn.Module):
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.fc2(self.activation_dropout(self.activation(self.fc1(x)))))
 
-    def forward(self, x: Tensor, position_bias: Tensor | None, key_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, position_bias: Tensor | None, key_mask: Tensor | None) -> Tensor:
         if self.layer_norm_first:
             x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), position_bias, key_mask))
             return x + self._feed_forward(self.final_layer_norm(x))
@@ -334,9 +340,11 @@ class TransformerEncoder(nn.Module):
         position_bias = None
         if self.config.relative_position_embedding:
             table = self.layers[0].self_attn.relative_attention_bias
-            position_bias = table(self._relative_buckets(x.shape[1], x.device)).permute(2, 0, 1)
-        key_mask = torch.zeros(padding_mask.shape, dtype=x.dtype, device=x.device)
-        key_mask = key_mask.masked_fill(padding_mask, float("-inf"))[:, None, None, :]
+            position_bias = table(self._relative_buckets(x.shape[1], x.device)).permute(2, 0, 1).contiguous()
+        key_mask = None  # no padding in the batch: no mask to add in every layer
+        if padding_mask.any():
+            key_mask = torch.zeros(padding_mask.shape, dtype=x.dtype, device=x.device)
+            key_mask = key_mask.masked_fill(padding_mask, float("-inf"))[:, None, None, :]
 
         decay = self.config.layer_wise_gradient_decay_ratio
         for layer in self.layers:
