@@ -10,7 +10,8 @@ gets ``data_root`` and ``run_dir``, so all stages read from and write to one run
     python -m kit.pipeline default --set 02_finetune_beats.steps=50 --only 01,02
 
 Executed notebooks are saved beside the run's outputs (``<run_dir>/notebooks/``), so a run folder
-documents itself. ``sweep`` runs one notebook over a grid of parameters (see the README).
+documents itself. ``sweep`` runs one notebook over a grid of parameters, each combination in its
+own run folder (see the README).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import itertools
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -130,26 +132,53 @@ def run_system(
     return run_dir
 
 
+def _link_tree(source: Path, target: Path) -> None:
+    """Mirror ``source`` into ``target`` with hard links (no copy of the data). Safe because every
+    stage writes its outputs atomically (a new file replaces the link; the source stays intact)."""
+    for path in source.rglob("*"):
+        rel = path.relative_to(source)
+        if rel.parts[0] == "notebooks" or path.is_dir():
+            continue
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            try:
+                os.link(path, dest)
+            except OSError:  # another file system: fall back to a copy
+                shutil.copy2(path, dest)
+
+
 def sweep(
-    notebook: str, grid: dict[str, list], base: dict, run_root: str | os.PathLike, kernel: str | None = None
+    notebook: str,
+    grid: dict[str, list],
+    run_dir: str | os.PathLike,
+    run_root: str | os.PathLike,
+    params: dict | None = None,
+    kernel: str | None = None,
 ) -> list[Path]:
-    """Run one notebook for every combination of ``grid`` values; each run gets its own folder
-    ``<run_root>/<param=value,...>`` and copies the inputs it needs from ``base['run_dir']``."""
+    """Run one notebook for every combination of ``grid``. Each combination gets its own run folder
+    ``<run_root>/<param=value,...>`` that starts as a hard-linked mirror of ``run_dir`` (the inputs
+    the notebook reads), so the runs never overwrite each other or the original run."""
     import papermill as pm
 
     path = NOTEBOOKS / f"{notebook}.ipynb"
     if not path.exists():
         raise FileNotFoundError(f"no notebook {path}")
+    source = Path(run_dir).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"run folder {source} not found: run the earlier notebooks first")
     keys = sorted(grid)
     outputs = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         tag = ",".join(f"{k}={v}" for k, v in zip(keys, combo))
-        out = Path(run_root) / tag
-        out.mkdir(parents=True, exist_ok=True)
-        values = {**base, **dict(zip(keys, combo))}
+        out = (Path(run_root) / tag).resolve()
+        _link_tree(source, out)
+        (out / "notebooks").mkdir(parents=True, exist_ok=True)
+        values = {**(params or {}), **dict(zip(keys, combo)), "run_dir": str(out)}
+        print(f"[sweep] {notebook} {tag}", flush=True)
         pm.execute_notebook(
             str(path),
-            str(out / path.name),
+            str(out / "notebooks" / path.name),
             parameters=values,
             kernel_name=kernel,
             cwd=str(REPO),

@@ -71,3 +71,12 @@ def test_default_pipeline_end_to_end(tmp_path):
     table = metrics.section_metrics(metrics.attach_ground_truth(scored, truth))
     assert len(table) == len(expected)
     assert os.path.exists(run_dir / "figures" / "systems.png")
+
+    # a papermill sweep over the scoring notebook: one run folder per value, the original untouched
+    original = (run_dir / "scores" / "beats-knn-near.csv").read_bytes()
+    params = {"branches": ["beats"], "backends": ["knn"], "channel_policies": ["near"], "baseline": False}
+    outs = pipeline.sweep("05_scoring", {"knn_k": [1, 3]}, run_dir, tmp_path / "sweep", params=params)
+    assert [p.name for p in outs] == ["knn_k=1", "knn_k=3"]
+    k1, k3 = (pd.read_csv(p / "scores" / "beats-knn-near.csv")["score"] for p in outs)
+    assert not k1.equals(k3)
+    assert (run_dir / "scores" / "beats-knn-near.csv").read_bytes() == original
