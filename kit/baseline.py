@@ -394,6 +394,12 @@ def score_baseline(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    clips, scores = _score_clips(index_df, run_dir, machine, include_train, device, progress)
+    return clips.assign(channel="near", score=scores[method])[SCORE_COLUMNS]
+
+
+def _score_clips(index_df, run_dir, machine, include_train, device, progress) -> tuple[pd.DataFrame, dict]:
+    """Both methods' scores from one decoding and reconstruction of each clip."""
     model, precisions, _ = load_baseline(model_path(run_dir, machine), device)
     clips = _machine_clips(index_df, machine, ("train", "test") if include_train else ("test",))
     device = next(model.parameters()).device
@@ -405,8 +411,7 @@ def score_baseline(
             residual = x - model(x)
             errors.append(float((residual**2).mean()))
             mean_residuals.append(residual.reshape(-1, N_MELS).mean(dim=0).cpu().numpy())
-    scores = np.array(errors) if method == "MSE" else mahala_scores(np.stack(mean_residuals), precisions)
-    return clips.assign(channel="near", score=scores)[SCORE_COLUMNS]
+    return clips, {"MSE": np.array(errors), "MAHALA": mahala_scores(np.stack(mean_residuals), precisions)}
 
 
 def run_baseline(
@@ -419,13 +424,15 @@ def run_baseline(
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """Train one autoencoder per machine type (reusing a saved model) and score every clip with each
-    method: ``{"baseline-MSE": scores, "baseline-MAHALA": scores}`` in the scores contract."""
+    method (one decoding per clip for all methods): ``{"baseline-MSE": scores, "baseline-MAHALA": scores}`` in the scores contract."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown baseline method(s) {unknown}; expected a subset of {METHODS}")
     per_method: dict[str, list[pd.DataFrame]] = {m: [] for m in methods}
     for machine in sorted(index_df["machine"].unique()):
         if not model_path(run_dir, machine).exists():
             train_baseline(index_df, run_dir, machine, epochs=epochs, device=device, progress=progress)
+        clips, scores = _score_clips(index_df, run_dir, machine, True, device, progress)
         for method in methods:
-            per_method[method].append(
-                score_baseline(index_df, run_dir, machine, method=method, device=device, progress=progress)
-            )
+            per_method[method].append(clips.assign(channel="near", score=scores[method])[SCORE_COLUMNS])
     return {f"baseline-{m}": pd.concat(parts, ignore_index=True) for m, parts in per_method.items()}
