@@ -23,10 +23,14 @@ Scores are a DataFrame with columns ``SCORE_COLUMNS``; larger = more anomalous.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import scipy.linalg
 from tqdm.auto import tqdm
+
+from kit.files import atomic_path
 
 SCORE_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain", "label", "channel", "score"]
 GROUP_COLUMNS = ["dataset", "machine", "section"]
@@ -501,3 +505,51 @@ def score_embeddings(
     if not parts:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     return pd.concat(parts, ignore_index=True)[SCORE_COLUMNS]
+
+
+def score_branches(
+    embeddings: dict[str, tuple[pd.DataFrame, np.ndarray]],
+    backends=BACKENDS,
+    channel_policies=CHANNEL_POLICIES,
+    **options,
+) -> dict[str, pd.DataFrame]:
+    """Every (branch, backend, channel policy) combination: ``{"<branch>-<backend>-<policy>": scores}``.
+
+    ``embeddings`` maps a branch name to its ``(meta, emb)``; ``options`` go to ``score_embeddings``.
+    Policies that need the far channel are skipped for branches embedded on the near channel only."""
+    systems = {}
+    for branch, (meta, emb) in embeddings.items():
+        has_far = bool((meta["channel"] == "far").any())
+        for backend in backends:
+            for policy in channel_policies:
+                if policy != "near" and not has_far:
+                    continue
+                systems[f"{branch}-{backend}-{policy}"] = score_embeddings(
+                    meta, emb, backend=backend, channel_policy=policy, **options
+                )
+    return systems
+
+
+def save_scores(systems: dict[str, pd.DataFrame], folder) -> list:
+    """Write each system's scores to ``<folder>/<system>.csv`` (atomically)."""
+    paths = []
+    for name, scores in systems.items():
+        with atomic_path(Path(folder) / f"{name}.csv") as tmp:
+            scores.to_csv(tmp, index=False)
+        paths.append(Path(folder) / f"{name}.csv")
+    return paths
+
+
+def load_scores(folder) -> dict[str, pd.DataFrame]:
+    """Read every ``<system>.csv`` of ``folder`` written by ``save_scores``."""
+    paths = sorted(Path(folder).glob("*.csv"))
+    if not paths:
+        raise FileNotFoundError(f"no score files in {folder}: run notebook 05_scoring first")
+    systems = {}
+    for path in paths:
+        frame = pd.read_csv(path, dtype={"section": str, "file_name": str}, keep_default_na=False)
+        missing = sorted(set(SCORE_COLUMNS) - set(frame.columns))
+        if missing:
+            raise ValueError(f"{path} is not a score file: columns {missing} are missing")
+        systems[path.stem] = frame
+    return systems

@@ -285,3 +285,37 @@ def test_score_embeddings_rejects_bad_input():
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="row 3"):
         scoring.score_embeddings(meta, bad, progress=False)
+
+
+def test_score_branches_names_every_combination_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    clips = clip_table(n_source=12, n_target=3, n_normal=4, n_anomaly=4)
+    both = with_channels(clips, ("near", "far"))
+    near_only = with_channels(clips, ("near",))
+    embeddings = {
+        "a": (both, rng.normal(size=(len(both), 8)).astype(np.float32)),
+        "b": (near_only, rng.normal(size=(len(near_only), 8)).astype(np.float32)),
+    }
+    systems = scoring.score_branches(
+        embeddings, ("knn", "mahalanobis"), ("near", "mean"), separate_domains=False
+    )
+    assert sorted(systems) == [
+        "a-knn-mean",
+        "a-knn-near",
+        "a-mahalanobis-mean",
+        "a-mahalanobis-near",
+        "b-knn-near",
+        "b-mahalanobis-near",
+    ]  # far-based policies need far embeddings
+    scoring.save_scores(systems, tmp_path / "scores")
+    loaded = scoring.load_scores(tmp_path / "scores")
+    assert sorted(loaded) == sorted(systems)
+    pd.testing.assert_frame_equal(
+        loaded["a-knn-near"], systems["a-knn-near"].reset_index(drop=True), check_dtype=False
+    )
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a score file"):
+        scoring.load_scores(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="05_scoring"):
+        scoring.load_scores(tmp_path / "empty")
