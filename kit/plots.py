@@ -6,9 +6,6 @@ Every function takes plain data (DataFrames, arrays), draws one figure, saves it
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import matplotlib.pyplot as plt  # headless machines fall back to Agg; Jupyter sets its inline backend
 import numpy as np
 import pandas as pd
@@ -146,8 +143,3 @@ def system_comparison(results: pd.DataFrame, path=None) -> plt.Figure:
     ax.set_xlabel("official score (hmean)")
     ax.set_xlim(max(0.0, float(overall["hmean"].min()) - 0.1), min(1.0, float(overall["hmean"].max()) + 0.05))
     return _save(fig, path)
-
-
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    _save(fig, path)
-    return Path(path)

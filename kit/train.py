@@ -24,6 +24,7 @@ Outputs under ``<run_dir>/<name>/``: ``config.yaml``, ``checkpoints/last.pt`` (r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -446,7 +447,7 @@ def train(
                 waves, lengths, perm, lam = mixup(waves, lengths, cfg.mixup_alpha, gen)
             embedder.backbone.feature_augment = (lambda f, n, g=gen: spec(f, n, g)) if spec else None
             sync = not distributed or micro == cfg.grad_accum - 1
-            ctx = model.no_sync() if not sync else _nullcontext()
+            ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss_value, acc = model(waves, lengths, labels, perm, lam)
                 (loss_value / cfg.grad_accum).backward()
@@ -475,14 +476,6 @@ def train(
     if distributed:
         dist.barrier()
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict:
