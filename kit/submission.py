@@ -440,7 +440,9 @@ def submit_system(
     evaluation = scores[scores["dataset"] == "eval"]
     test, train = evaluation[evaluation["split"] == "test"], evaluation[evaluation["split"] == "train"]
     if test.empty:
-        raise ValueError(f"system {system!r} has no evaluation test scores (dataset 'eval', split 'test') to submit")
+        raise ValueError(
+            f"system {system!r} has no evaluation test scores (dataset 'eval', split 'test') to submit"
+        )
     if train.empty:
         raise ValueError(f"system {system!r} has no scores of evaluation training clips to fit thresholds on")
     full_meta = _merge_meta(meta_template(), meta)

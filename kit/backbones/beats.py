@@ -249,7 +249,9 @@ class SelfAttention(nn.Module):
                 gate_a, gate_b = gates.chunk(2, dim=-1)
                 gate = gate_a * (gate_b * self.grep_a - 1.0) + 2.0
                 # one pass over the [B, H, N, N] bias instead of a multiply and then an add
-                mask = gate * position_bias if key_mask is None else torch.addcmul(key_mask, gate, position_bias)
+                mask = (
+                    gate * position_bias if key_mask is None else torch.addcmul(key_mask, gate, position_bias)
+                )
             else:
                 mask = position_bias if key_mask is None else position_bias + key_mask
         if mask is not None:
