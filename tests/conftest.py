@@ -35,6 +35,15 @@ def backbone_fixtures() -> Path:
 
 
 @pytest.fixture(scope="session")
+def audio(backbone_fixtures) -> dict:
+    """The fixture waveforms ``a`` (2.0 s) and ``b`` (1.6 s) of ``audio.npz`` as float32 tensors."""
+    import numpy as np
+
+    data = np.load(backbone_fixtures / "audio.npz")
+    return {name: torch.from_numpy(data[name]) for name in ("a", "b")}
+
+
+@pytest.fixture(scope="session")
 def metric_fixtures() -> Path:
     """``shared/fixtures/metrics``: the organisers' evaluator run on real 2024 ground truth."""
     return _shared_subdir("fixtures", "metrics")

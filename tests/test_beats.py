@@ -17,9 +17,8 @@ VARIANTS = ("beats_release", "beats_variant")
 
 
 @pytest.fixture(scope="module")
-def audio(backbone_fixtures):
-    data = np.load(backbone_fixtures / "audio.npz")
-    return torch.from_numpy(data["a"]), torch.from_numpy(data["b"])
+def audio_pair(audio):
+    return audio["a"], audio["b"]
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -40,27 +39,27 @@ def _padded(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return waves, torch.tensor([len(a), len(b)])
 
 
-def test_fbank_matches_reference(checkpoint, audio):
+def test_fbank_matches_reference(checkpoint, audio_pair):
     model, expected, _ = checkpoint
-    for name, wave in zip("ab", audio):
+    for name, wave in zip("ab", audio_pair):
         fbank, n_frames = model.frontend(wave[None])
         assert n_frames.tolist() == [expected[f"{name}_fbank"].shape[1]]
         _close(fbank, expected[f"{name}_fbank"])
 
 
-def test_features_match_reference(checkpoint, audio):
+def test_features_match_reference(checkpoint, audio_pair):
     model, expected, _ = checkpoint
     with torch.no_grad():
-        for name, wave in zip("ab", audio):
+        for name, wave in zip("ab", audio_pair):
             tokens, padding_mask = model(wave[None], torch.tensor([len(wave)]))
             _close(tokens, expected[f"{name}_features"])
             assert not padding_mask.any()
 
 
-def test_padded_batch_gives_each_clip_its_own_tokens(checkpoint, audio):
+def test_padded_batch_gives_each_clip_its_own_tokens(checkpoint, audio_pair):
     model, expected, _ = checkpoint
     with torch.no_grad():
-        tokens, padding_mask = model(*_padded(*audio))
+        tokens, padding_mask = model(*_padded(*audio_pair))
     n_a, n_b = expected["a_features"].shape[1], expected["b_features"].shape[1]
     assert tokens.shape == (2, n_a, model.embed_dim)
     _close(tokens[:1], expected["a_features"])
@@ -69,11 +68,11 @@ def test_padded_batch_gives_each_clip_its_own_tokens(checkpoint, audio):
     assert torch.all(tokens[1, n_b:] == 0)
 
 
-def test_predictor_probabilities(backbone_fixtures, audio):
+def test_predictor_probabilities(backbone_fixtures, audio_pair):
     path = backbone_fixtures / "beats_variant.pt"
     expected = np.load(backbone_fixtures / "beats_variant_expected.npz")["a_predictor_probs"]
     model = load("beats", path).eval()
-    a, b = audio
+    a, b = audio_pair
     with torch.no_grad():
         _close(model.predict(a[None]), expected)
         probs = model.predict(*_padded(a, b))
@@ -97,11 +96,11 @@ def test_loaded_model_answers_the_interface(checkpoint):
     assert sorted(lora_targets(model)) == sorted(names)
 
 
-def test_eval_mode_is_deterministic(checkpoint, audio):
+def test_eval_mode_is_deterministic(checkpoint, audio_pair):
     model, _, _ = checkpoint
     with torch.no_grad():
-        first, _ = model(*_padded(*audio))
-        second, _ = model(*_padded(*audio))
+        first, _ = model(*_padded(*audio_pair))
+        second, _ = model(*_padded(*audio_pair))
     assert torch.equal(first, second)
 
 
@@ -109,7 +108,7 @@ def _payload(path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def test_bias_table_stored_only_in_layer_0_loads(backbone_fixtures, audio, tmp_path):
+def test_bias_table_stored_only_in_layer_0_loads(backbone_fixtures, audio_pair, tmp_path):
     payload = _payload(backbone_fixtures / "beats_release.pt")
     copies = [k for k in payload["model"] if "relative_attention_bias" in k and ".layers.0." not in k]
     assert copies  # the official state dict repeats the shared table under every layer
@@ -119,7 +118,7 @@ def test_bias_table_stored_only_in_layer_0_loads(backbone_fixtures, audio, tmp_p
     model = load("beats", tmp_path / "layer0_only.pt").eval()
     expected = np.load(backbone_fixtures / "beats_release_expected.npz")["a_features"]
     with torch.no_grad():
-        _close(model(audio[0][None])[0], expected)
+        _close(model(audio_pair[0][None])[0], expected)
 
 
 def test_differing_bias_table_copies_are_refused(backbone_fixtures, tmp_path):

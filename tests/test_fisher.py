@@ -17,12 +17,6 @@ PATHS = {"nopad": None, "pad1024": 1024}
 
 
 @pytest.fixture(scope="module")
-def audio(backbone_fixtures):
-    data = np.load(backbone_fixtures / "audio.npz")
-    return {name: torch.from_numpy(data[name]) for name in ("a", "b")}
-
-
-@pytest.fixture(scope="module")
 def expected(backbone_fixtures):
     return dict(np.load(backbone_fixtures / "fisher_expected.npz"))
 
