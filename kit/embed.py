@@ -68,36 +68,36 @@ def compute_embeddings(
     embedder = embedder.to(device).eval()
     index = index.reset_index(drop=True)
     autocast = device.type == "cuda"
-    parts, metas = [], []
-    total = len(channels) * ((len(index) + batch_size - 1) // batch_size)
-    bar = tqdm(total=total, desc="embed", disable=not progress)
-    for channel in channels:
-        rows = index if channel == "near" else index[index["channels"] >= 2]
-        if channel == "far" and len(rows) < len(index):
-            mono = index.loc[index["channels"] < 2, "path"].iloc[0]
-            raise ValueError(
-                f"channel 'far' requested but {mono} is mono; embed channels=('near',) for mono data"
-            )
-        out = np.zeros((len(rows), 0), dtype=np.float32)
-        for batch in _batches(rows, batch_size):
-            waves = [
-                length.apply(data.load_audio(rows["path"].iloc[i], channel=channel), None) for i in batch
-            ]
+    if "far" in channels and (index["channels"] < 2).any():
+        mono = index.loc[index["channels"] < 2, "path"].iloc[0]
+        raise ValueError(
+            f"channel 'far' requested but {mono} is mono; embed channels=('near',) for mono data"
+        )
+    # Each file is decoded once per batch and every requested channel is cut from it.
+    decode_as = "both" if "far" in channels else "near"
+    pick = {"near": 0, "far": 1}
+    out = {channel: None for channel in channels}
+    bar = tqdm(total=(len(index) + batch_size - 1) // batch_size, desc="embed", disable=not progress)
+    for batch in _batches(index, batch_size):
+        clips = [data.load_audio(index["path"].iloc[i], channel=decode_as) for i in batch]
+        for channel in channels:
+            waves = [length.apply(c[pick[channel]] if decode_as == "both" else c, None) for c in clips]
             lengths = torch.tensor([len(w) for w in waves])
             padded = torch.zeros(len(waves), int(lengths.max()))
             for j, w in enumerate(waves):
                 padded[j, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 emb = embedder(padded.to(device), lengths.to(device)).float().cpu().numpy()
-            if out.shape[1] == 0:
-                out = np.zeros((len(rows), emb.shape[1]), dtype=np.float32)
-            out[batch] = emb
-            bar.update(1)
-        if not np.isfinite(out).all():
-            bad = rows["path"].iloc[int(np.flatnonzero(~np.isfinite(out).all(1))[0])]
+            if out[channel] is None:
+                out[channel] = np.zeros((len(index), emb.shape[1]), dtype=np.float32)
+            out[channel][batch] = emb
+        bar.update(1)
+    for channel, values in out.items():
+        if not np.isfinite(values).all():
+            bad = index["path"].iloc[int(np.flatnonzero(~np.isfinite(values).all(1))[0])]
             raise FloatingPointError(f"non-finite embedding for {bad} ({channel} channel)")
-        parts.append(out)
-        metas.append(rows.assign(channel=channel))
+    parts = [out[channel] for channel in channels]
+    metas = [index.assign(channel=channel) for channel in channels]
     bar.close()
     return pd.concat(metas, ignore_index=True), np.concatenate(parts)
 

@@ -205,3 +205,16 @@ def test_ddp_two_gloo_processes_follow_the_single_process_trend(tone_index, tmp_
         abs(ddp["loss"].iloc[-4:].mean() - single["loss"].iloc[-4:].mean())
         < 0.5 * single["loss"].iloc[:4].mean()
     )
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_embedding_bad_input_is_named(tone_index, tmp_path):
+    torch.manual_seed(0)
+    embedder = train.build_embedder(_cfg())
+    mono = tone_index.assign(channels=1)
+    with pytest.raises(ValueError, match="is mono"):
+        embed.compute_embeddings(embedder, mono, channels=("near", "far"), progress=False)
+    with pytest.raises(FileNotFoundError, match="not an embedding folder"):
+        embed.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run its notebook first"):
+        embed.latest(tmp_path, "beats")
