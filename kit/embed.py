@@ -4,8 +4,13 @@ Every clip of the index is embedded once per channel (near, far) by a fine-tuned
 batches of clips of similar duration (little padding; the backbones are batch invariant, so padding
 does not change a clip's embedding). Results are cached under
 ``<run_dir>/embeddings/<name>-<key>/{meta.csv, emb.npy}``, where ``key`` hashes the model weights,
-the clips (path, size, modification time), the channels and the length policy: a re-run with the
-same inputs loads the cache instead of recomputing, and any change gives a new key.
+the clips (path, size, modification time), the channels, the length policy and the windowing: a re-run
+with the same inputs loads the cache instead of recomputing, and any change gives a new key.
+
+Windowed extraction (``window_seconds``): each clip is cut into overlapping windows of the length the
+model was trained on, every window is embedded and the clip's embedding is the mean of its windows.
+A model fine-tuned on short crops then sees the whole clip at the length it knows (and a backbone with
+a fixed input length, like EAT's ``target_length``, no longer drops the end of a long clip).
 """
 
 from __future__ import annotations
@@ -34,13 +39,53 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(index: pd.DataFrame, channels, length: data.LengthPolicy) -> str:
+def data_fingerprint(
+    index: pd.DataFrame, channels, length: data.LengthPolicy, window: tuple | None = None
+) -> str:
     digest = hashlib.sha1()
     for path in index["path"]:
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    digest.update(json.dumps([list(channels), length.mode, length.seconds]).encode())
+    described = [list(channels), length.mode, length.seconds] + ([list(window)] if window else [])
+    digest.update(json.dumps(described).encode())
     return digest.hexdigest()
+
+
+def window_starts(n_samples: int, window: int, hop: int) -> np.ndarray:
+    """Start samples of the windows that cover a clip of ``n_samples``: every ``hop`` samples, plus
+    one window ending at the clip's end so that no audio is left out. A clip no longer than one
+    window is one window (the clip itself)."""
+    if n_samples <= window:
+        return np.zeros(1, dtype=np.int64)
+    starts = np.arange(0, n_samples - window + 1, hop, dtype=np.int64)
+    if starts[-1] != n_samples - window:
+        starts = np.append(starts, n_samples - window)
+    return starts
+
+
+def _check_window(window_seconds: float | None, window_hop: float | None) -> tuple | None:
+    if window_seconds is None:
+        return None
+    hop = window_seconds / 2 if window_hop is None else window_hop
+    if not window_seconds > 0 or not hop > 0:
+        raise ValueError(
+            f"window_seconds and window_hop must be > 0 seconds, got {window_seconds!r} and {window_hop!r}"
+        )
+    return float(window_seconds), float(hop)
+
+
+def _embed_waves(embedder, waves, device, autocast: bool, batch_size: int) -> np.ndarray:
+    """Embeddings ``[len(waves), D]`` of a list of 1-D waves, ``batch_size`` waves per forward pass."""
+    out = []
+    for start in range(0, len(waves), batch_size):
+        part = waves[start : start + batch_size]
+        lengths = torch.tensor([len(w) for w in part])
+        padded = torch.zeros(len(part), int(lengths.max()))
+        for j, w in enumerate(part):
+            padded[j, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out.append(embedder(padded.to(device), lengths.to(device)).float().cpu().numpy())
+    return np.concatenate(out)
 
 
 def _batches(index: pd.DataFrame, batch_size: int):
@@ -57,13 +102,20 @@ def compute_embeddings(
     *,
     channels=("near", "far"),
     length: data.LengthPolicy | None = None,
+    window_seconds: float | None = None,
+    window_hop: float | None = None,
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Embed every clip of ``index`` for every channel. Returns ``(meta, emb)``: ``meta`` holds the
-    index columns plus ``channel``, one row per (clip, channel) in index order, channel-major."""
+    index columns plus ``channel``, one row per (clip, channel) in index order, channel-major.
+
+    ``length`` brings each clip to length first; with ``window_seconds`` the result is then cut into
+    windows (``window_hop`` apart, default half a window, see ``window_starts``) and the clip's
+    embedding is the mean of its windows' embeddings."""
     length = length or data.LengthPolicy(mode="none")
+    window = _check_window(window_seconds, window_hop)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embedder = embedder.to(device).eval()
     index = index.reset_index(drop=True)
@@ -82,12 +134,20 @@ def compute_embeddings(
         clips = [data.load_audio(index["path"].iloc[i], channel=decode_as) for i in batch]
         for channel in channels:
             waves = [length.apply(c[pick[channel]] if decode_as == "both" else c, None) for c in clips]
-            lengths = torch.tensor([len(w) for w in waves])
-            padded = torch.zeros(len(waves), int(lengths.max()))
-            for j, w in enumerate(waves):
-                padded[j, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                emb = embedder(padded.to(device), lengths.to(device)).float().cpu().numpy()
+            if window is None:
+                emb = _embed_waves(embedder, waves, device, autocast, batch_size)
+            else:
+                size, hop = (max(1, round(x * data.SAMPLE_RATE)) for x in window)
+                owner, pieces = [], []
+                for j, w in enumerate(waves):
+                    for start in window_starts(len(w), size, hop):
+                        owner.append(j)
+                        pieces.append(w[start : start + size])
+                per_window = _embed_waves(embedder, pieces, device, autocast, batch_size)
+                owner = np.asarray(owner)
+                emb = np.zeros((len(waves), per_window.shape[1]), dtype=np.float32)
+                np.add.at(emb, owner, per_window)
+                emb /= np.bincount(owner, minlength=len(waves))[:, None]
             if out[channel] is None:
                 out[channel] = np.zeros((len(index), emb.shape[1]), dtype=np.float32)
             out[channel][batch] = emb
@@ -110,13 +170,17 @@ def extract(
     *,
     channels=("near", "far"),
     length: data.LengthPolicy | None = None,
+    window_seconds: float | None = None,
+    window_hop: float | None = None,
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray, Path]:
     """``compute_embeddings`` behind the cache. Returns ``(meta, emb, cache_folder)``."""
     length = length or data.LengthPolicy(mode="none")
-    key = hashlib.sha1((model_fingerprint(embedder) + data_fingerprint(index, channels, length)).encode())
+    window = _check_window(window_seconds, window_hop)
+    fingerprint = data_fingerprint(index, channels, length, window)
+    key = hashlib.sha1((model_fingerprint(embedder) + fingerprint).encode())
     folder = Path(run_dir) / "embeddings" / f"{name}-{key.hexdigest()[:12]}"
     if (folder / "emb.npy").exists() and (folder / "meta.csv").exists():
         return load(folder) + (folder,)
@@ -125,6 +189,8 @@ def extract(
         index,
         channels=channels,
         length=length,
+        window_seconds=window_seconds,
+        window_hop=window_hop,
         batch_size=batch_size,
         device=device,
         progress=progress,

@@ -171,6 +171,38 @@ def test_embedding_cache_is_reused(tone_index, tmp_path):
     assert embed.latest(tmp_path, "x") == folder3
 
 
+def test_window_starts_cover_the_clip():
+    assert embed.window_starts(100, 40, 20).tolist() == [0, 20, 40, 60]
+    assert embed.window_starts(110, 40, 30).tolist() == [0, 30, 60, 70]  # the last ends at the end
+    assert embed.window_starts(30, 40, 20).tolist() == [0]  # shorter than a window: the clip itself
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_windowed_embedding_is_the_mean_of_its_windows(tone_index, tmp_path):
+    torch.manual_seed(0)
+    embedder = train.build_embedder(_cfg()).eval()
+    clips = tone_index.iloc[:3].reset_index(drop=True)
+    meta, emb = embed.compute_embeddings(
+        embedder, clips, channels=("near",), window_seconds=0.5, window_hop=0.25, progress=False
+    )
+    assert len(meta) == 3
+    for row, clip in clips.iterrows():
+        wave = data.load_audio(clip["path"], channel="near")
+        starts = embed.window_starts(len(wave), SR // 2, SR // 4)
+        assert len(starts) == 3  # a 1-s clip: windows at 0, 0.25 and 0.5 s
+        windows = torch.stack([torch.from_numpy(wave[s : s + SR // 2]).float() for s in starts])
+        with torch.no_grad():
+            expected = embedder(windows, torch.full((len(starts),), SR // 2)).mean(0).numpy()
+        np.testing.assert_allclose(emb[row], expected, atol=1e-5)
+    whole, _, folder = embed.extract(embedder, clips, tmp_path, "x", channels=("near",), progress=False)
+    windowed = embed.extract(
+        embedder, clips, tmp_path, "x", channels=("near",), window_seconds=0.5, progress=False
+    )
+    assert windowed[2] != folder  # the windowing is part of the cache key
+    with pytest.raises(ValueError, match="window_seconds and window_hop must be > 0"):
+        embed.compute_embeddings(embedder, clips, channels=("near",), window_seconds=0.0, progress=False)
+
+
 @pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
 def test_ddp_two_gloo_processes_follow_the_single_process_trend(tone_index, tmp_path):
     index_path = data.save_index(tone_index, tmp_path)
