@@ -23,6 +23,7 @@ Scores are a DataFrame with columns ``SCORE_COLUMNS``; larger = more anomalous.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,13 @@ SCORE_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain"
 GROUP_COLUMNS = ["dataset", "machine", "section"]
 CLIP_KEY = ["dataset", "machine", "section", "split", "file_name"]
 BACKENDS = ("knn", "mahalanobis")
+
+
+class DegenerateScoresError(ValueError):
+    """A group's training scores are all equal (e.g. embeddings collapsed onto a few points), so they
+    cannot standardise anything."""
+
+
 CHANNEL_POLICIES = ("near", "far", "mean", "residual")
 
 # Rows of the test matrix handled per distance block: bounds memory at CHUNK x R floats.
@@ -412,7 +420,9 @@ def _standardise_on_train(clips: pd.DataFrame, scores: np.ndarray) -> np.ndarray
     std = scores[reference].std()
     if not std > 0:
         group = clips[GROUP_COLUMNS].iloc[0].tolist()
-        raise ValueError(f"group {group}: training scores are constant, cannot standardise them")
+        raise DegenerateScoresError(
+            f"group {group}: training scores are constant (collapsed embeddings?), cannot standardise them"
+        )
     return (scores - scores[reference].mean()) / std
 
 
@@ -516,7 +526,9 @@ def score_branches(
     """Every (branch, backend, channel policy) combination: ``{"<branch>-<backend>-<policy>": scores}``.
 
     ``embeddings`` maps a branch name to its ``(meta, emb)``; ``options`` go to ``score_embeddings``.
-    Policies that need the far channel are skipped for branches embedded on the near channel only."""
+    Policies that need the far channel are skipped for branches embedded on the near channel only. A
+    combination whose training scores are degenerate (``DegenerateScoresError``) is left out with a
+    warning naming it, so one collapsed branch does not stop the others from being scored."""
     systems = {}
     for branch, (meta, emb) in embeddings.items():
         has_far = bool((meta["channel"] == "far").any())
@@ -524,9 +536,13 @@ def score_branches(
             for policy in channel_policies:
                 if policy != "near" and not has_far:
                     continue
-                systems[f"{branch}-{backend}-{policy}"] = score_embeddings(
-                    meta, emb, backend=backend, channel_policy=policy, **options
-                )
+                name = f"{branch}-{backend}-{policy}"
+                try:
+                    systems[name] = score_embeddings(
+                        meta, emb, backend=backend, channel_policy=policy, **options
+                    )
+                except DegenerateScoresError as err:
+                    warnings.warn(f"{name} left out: {err}", stacklevel=2)
     return systems
 
 

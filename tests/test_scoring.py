@@ -319,3 +319,17 @@ def test_score_branches_names_every_combination_and_round_trips(tmp_path):
         scoring.load_scores(tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="05_scoring"):
         scoring.load_scores(tmp_path / "empty")
+
+
+def test_a_collapsed_branch_is_left_out_with_a_warning_naming_it():
+    rng = np.random.default_rng(0)
+    clips = clip_table(n_source=12, n_target=3, n_normal=4, n_anomaly=4)
+    both = with_channels(clips, ("near", "far"))
+    collapsed = rng.normal(size=(len(both), 8)).astype(np.float32)
+    is_train_near = ((both["split"] == "train") & (both["channel"] == "near")).to_numpy()
+    collapsed[is_train_near] = collapsed[is_train_near][0]  # every near training clip on one point
+    with pytest.raises(scoring.DegenerateScoresError, match="training scores are constant"):
+        scoring.score_embeddings(both, collapsed, backend="knn", channel_policy="mean", progress=False)
+    with pytest.warns(UserWarning, match="c-knn-mean left out: group"):
+        systems = scoring.score_branches({"c": (both, collapsed)}, ("knn",), ("near", "mean"), progress=False)
+    assert sorted(systems) == ["c-knn-near"]
