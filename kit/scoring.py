@@ -38,12 +38,6 @@ GROUP_COLUMNS = ["dataset", "machine", "section"]
 CLIP_KEY = ["dataset", "machine", "section", "split", "file_name"]
 BACKENDS = ("knn", "mahalanobis")
 
-
-class DegenerateScoresError(ValueError):
-    """A group's training scores are all equal (e.g. embeddings collapsed onto a few points), so they
-    cannot standardise anything."""
-
-
 CHANNEL_POLICIES = ("near", "far", "mean", "residual")
 
 # Rows of the test matrix handled per distance block: bounds memory at CHUNK x R floats.
@@ -415,6 +409,11 @@ def _score_channel(
     return scores
 
 
+class DegenerateScoresError(ValueError):
+    """A group's training scores are all equal (e.g. embeddings collapsed onto a few points), so they
+    cannot standardise anything."""
+
+
 def _standardise_on_train(clips: pd.DataFrame, scores: np.ndarray) -> np.ndarray:
     reference = ((clips["split"] == "train") & (clips["label"] == "normal")).to_numpy()
     std = scores[reference].std()
@@ -554,6 +553,15 @@ def save_scores(systems: dict[str, pd.DataFrame], folder) -> list:
             scores.to_csv(tmp, index=False)
         paths.append(Path(folder) / f"{name}.csv")
     return paths
+
+
+def select_systems(systems: dict[str, pd.DataFrame], names) -> dict[str, pd.DataFrame]:
+    """``{name: systems[name]}`` for ``names`` in order; a name without scores (misspelt, or left out
+    by ``score_branches``) raises a KeyError that lists the systems there are."""
+    missing = [name for name in names if name not in systems]
+    if missing:
+        raise KeyError(f"no scores for {missing}; scored systems: {sorted(systems)}")
+    return {name: systems[name] for name in names}
 
 
 def load_scores(folder) -> dict[str, pd.DataFrame]:

@@ -333,3 +333,6 @@ def test_a_collapsed_branch_is_left_out_with_a_warning_naming_it():
     with pytest.warns(UserWarning, match="c-knn-mean left out: group"):
         systems = scoring.score_branches({"c": (both, collapsed)}, ("knn",), ("near", "mean"), progress=False)
     assert sorted(systems) == ["c-knn-near"]
+    assert list(scoring.select_systems(systems, ["c-knn-near"])) == ["c-knn-near"]
+    with pytest.raises(KeyError, match=r"no scores for \['c-knn-mean'\]; scored systems: \['c-knn-near'\]"):
+        scoring.select_systems(systems, ["c-knn-near", "c-knn-mean"])
