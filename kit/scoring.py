@@ -38,7 +38,7 @@ GROUP_COLUMNS = ["dataset", "machine", "section"]
 CLIP_KEY = ["dataset", "machine", "section", "split", "file_name"]
 BACKENDS = ("knn", "mahalanobis")
 
-CHANNEL_POLICIES = ("near", "far", "mean", "residual")
+CHANNEL_POLICIES = ("near", "far", "mean", "zmean", "residual")
 
 # Rows of the test matrix handled per distance block: bounds memory at CHUNK x R floats.
 _CHUNK_ROWS = 2048
@@ -467,8 +467,11 @@ def score_embeddings(
 
     * ``"near"``: the near-channel embedding against near references (the submitted channel).
     * ``"far"``: the far-channel embedding against far references.
-    * ``"mean"``: near and far scored apart, each standardised with the mean and standard
-      deviation of its own training-clip (leave-one-out) scores, then averaged per clip.
+    * ``"mean"``: near and far scored apart and their raw scores averaged per clip (the EAT-ASP
+      report's score-level fusion of the two channels' 1-NN scores).
+    * ``"zmean"``: near and far scored apart, each standardised with the mean and standard
+      deviation of its own training-clip (leave-one-out) scores, then averaged per clip (the two
+      channels' distances can live on different scales; this puts them on one).
     * ``"residual"``: the noise-aware policy. The far microphone hears the environment about as the
       near one does but the machine less, so ``near_emb - far_emb`` cancels what both share (noise)
       and keeps the machine part; the residual is rescaled to unit length and scored as its own
@@ -501,7 +504,11 @@ def score_embeddings(
         else:
             near_rows, far_rows = _paired_channels(group)
             clips = meta.loc[near_rows]
-            if channel_policy == "mean":  # training scores are needed for the standardisation
+            if channel_policy == "mean":
+                near_scores = _score_channel(clips, emb[near_rows], options, include_train)
+                far_scores = _score_channel(clips, emb[far_rows], options, include_train)
+                scores = (near_scores + far_scores) / 2.0
+            elif channel_policy == "zmean":  # training scores are needed for the standardisation
                 near_scores = _standardise_on_train(clips, _score_channel(clips, emb[near_rows], options))
                 far_scores = _standardise_on_train(clips, _score_channel(clips, emb[far_rows], options))
                 scores = (near_scores + far_scores) / 2.0

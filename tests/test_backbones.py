@@ -6,6 +6,7 @@ import functools
 import http.server
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,14 @@ def test_unreachable_sources_give_clear_errors(tmp_path, monkeypatch):
     ):
         backbones.resolve_checkpoint("worstchan/EAT-base", tmp_path)
     with pytest.raises(backbones.CheckpointError, match="neither an existing path"):
-        backbones.resolve_checkpoint("no such file.pt", tmp_path)
+        backbones.resolve_checkpoint("no such file", tmp_path)
+    # A missing local path is reported as such, never sent to the Hugging Face hub
+    for spec in ("no such file.pt", "ckpt/BEATs.pt", "./ckpt/BEATs", "runs/x/model/last.pt"):
+        with pytest.raises(FileNotFoundError, match=f"checkpoint file not found: .*{Path(spec).name}"):
+            backbones.resolve_checkpoint(spec, tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(backbones.CheckpointNotFoundError, match="ckpt/BEATs"):
+        backbones.resolve_checkpoint(str(tmp_path / "ckpt" / "BEATs"), tmp_path)
 
 
 @pytest.mark.parametrize("name", ["beats", "eat", "fisher"])

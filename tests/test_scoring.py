@@ -252,18 +252,32 @@ def test_residual_policy_removes_a_shared_noise_component():
     assert results["near"] < 0.8
 
 
-def test_mean_policy_averages_train_standardised_channels():
+def test_zmean_policy_averages_train_standardised_channels():
     meta, emb = residual_world(seed=13)
     near = scoring.score_embeddings(meta, emb, channel_policy="near", progress=False)["score"].to_numpy()
     far = scoring.score_embeddings(meta, emb, channel_policy="far", progress=False)["score"].to_numpy()
-    mean = scoring.score_embeddings(meta, emb, channel_policy="mean", progress=False)
-    train = (mean["split"] == "train").to_numpy()
+    zmean = scoring.score_embeddings(meta, emb, channel_policy="zmean", progress=False)
+    train = (zmean["split"] == "train").to_numpy()
 
     def z(x):
         return (x - x[train].mean()) / x[train].std()
 
-    np.testing.assert_allclose(mean["score"], (z(near) + z(far)) / 2, atol=1e-9)
+    np.testing.assert_allclose(zmean["score"], (z(near) + z(far)) / 2, atol=1e-9)
+    assert (zmean["channel"] == "zmean").all()
+
+
+def test_mean_policy_averages_the_raw_channel_scores_as_the_eat_asp_report():
+    meta, emb = residual_world(seed=13)
+    near = scoring.score_embeddings(meta, emb, channel_policy="near", progress=False)
+    far = scoring.score_embeddings(meta, emb, channel_policy="far", progress=False)
+    mean = scoring.score_embeddings(meta, emb, channel_policy="mean", progress=False)
+    np.testing.assert_allclose(mean["score"], (near["score"] + far["score"]) / 2, atol=1e-12)
     assert (mean["channel"] == "mean").all()
+    assert mean[scoring.CLIP_KEY].equals(near[scoring.CLIP_KEY])
+    test_only = scoring.score_embeddings(
+        meta, emb, channel_policy="mean", include_train=False, progress=False
+    )
+    np.testing.assert_allclose(test_only["score"], mean.loc[mean["split"] != "train", "score"], atol=1e-12)
 
 
 def test_score_embeddings_rejects_bad_input():
@@ -329,10 +343,12 @@ def test_a_collapsed_branch_is_left_out_with_a_warning_naming_it():
     is_train_near = ((both["split"] == "train") & (both["channel"] == "near")).to_numpy()
     collapsed[is_train_near] = collapsed[is_train_near][0]  # every near training clip on one point
     with pytest.raises(scoring.DegenerateScoresError, match="training scores are constant"):
-        scoring.score_embeddings(both, collapsed, backend="knn", channel_policy="mean", progress=False)
-    with pytest.warns(UserWarning, match="c-knn-mean left out: group"):
-        systems = scoring.score_branches({"c": (both, collapsed)}, ("knn",), ("near", "mean"), progress=False)
+        scoring.score_embeddings(both, collapsed, backend="knn", channel_policy="zmean", progress=False)
+    with pytest.warns(UserWarning, match="c-knn-zmean left out: group"):
+        systems = scoring.score_branches(
+            {"c": (both, collapsed)}, ("knn",), ("near", "zmean"), progress=False
+        )
     assert sorted(systems) == ["c-knn-near"]
     assert list(scoring.select_systems(systems, ["c-knn-near"])) == ["c-knn-near"]
-    with pytest.raises(KeyError, match=r"no scores for \['c-knn-mean'\]; scored systems: \['c-knn-near'\]"):
-        scoring.select_systems(systems, ["c-knn-near", "c-knn-mean"])
+    with pytest.raises(KeyError, match=r"no scores for \['c-knn-zmean'\]; scored systems: \['c-knn-near'\]"):
+        scoring.select_systems(systems, ["c-knn-near", "c-knn-zmean"])

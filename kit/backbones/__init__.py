@@ -39,6 +39,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: wrong backbone, corrupt file, missing/unexpected keys."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint given as a local path that does not exist."""
+
+
 class Backbone(nn.Module):
     """Common base of the backbones. Subclasses set the attributes below and implement
     ``frontend`` and ``forward``."""
@@ -84,6 +88,16 @@ def configs(name: str) -> list[str]:
 
 
 _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json", ".yaml", ".zip")
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """A spec that can only mean a local file: it starts like a path, has a checkpoint file
+    extension, has more than one folder level, or its first folder exists here."""
+    if text.startswith((".", "/", "~")) or "\\" in text or text.lower().endswith(_CHECKPOINT_SUFFIXES):
+        return True
+    parts = Path(text).parts
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def resolve_checkpoint(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -102,7 +116,12 @@ def resolve_checkpoint(spec: str | os.PathLike, cache_dir: str | os.PathLike | N
             return fetch(text, target)
         except OSError as err:
             raise CheckpointError(f"cannot download checkpoint {text} (offline?): {err}") from err
-    if _HF_REPO.match(text) and not text.startswith((".", "/")):
+    if _looks_like_a_path(text):
+        raise CheckpointNotFoundError(
+            f"checkpoint file not found: {local} (resolved from {Path.cwd()}); a Hugging Face repo id "
+            "has the form owner/name without a file extension"
+        )
+    if _HF_REPO.match(text):
         try:
             from huggingface_hub import snapshot_download
 
