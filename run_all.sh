@@ -1,20 +1,16 @@
 #!/usr/bin/env bash
-# Run the numbered notebooks in order with papermill.
-#   ./run_all.sh                 the embedded default (generated data, all three backbones in their small
-#                                CPU configurations, scored, fused, submitted)
-#   ./run_all.sh SYSTEM [...]    one named system from notebooks/systems/ (audiocc_1 ... eat_asp_4)
-# Environment: DATA_ROOT (dataset root in the official layout; default: the embedded dataset),
-# RUN_DIR (run folder; default: a new folder under runs/), checkpoint variables such as
-# BEATS_CHECKPOINT / EAT_CHECKPOINT / FISHER_CHECKPOINT used by the system files.
-# Extra arguments go to `python -m kit.pipeline` (e.g. --set 02_finetune_beats.steps=50, --only 01,02).
+# Run the numbered notebooks in order with papermill:  ./run_all.sh [SYSTEM] [options]
+#   ./run_all.sh                  the embedded default (generated data, all three backbones in their
+#                                 small CPU configurations, scored, fused, submitted)
+#   ./run_all.sh audiocc_1 --only 01,02     ./run_all.sh --set 02.steps=50     ./run_all.sh --list
+# Options and environment variables (DATA_ROOT, RUN_DIR, BEATS_CHECKPOINT, ...): ./run_all.sh --help.
+# The same command as `dcase-kit run` and `python -m kit.pipeline`: every option is parsed there.
 set -euo pipefail
-cd "$(dirname "$0")"
+repo=$(cd "$(dirname "$0")" && pwd)
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON
-elif [ -x .venv/bin/python ]; then py=.venv/bin/python
+elif [ -x "$repo/.venv/bin/python" ]; then py=$repo/.venv/bin/python
 else py=python3
 fi
-system=${1:-default}
-[ $# -gt 0 ] && shift
-export DATA_ROOT=${DATA_ROOT:-embedded}
-export RUN_DIR=${RUN_DIR:-runs/${system}-$(date +%Y%m%d-%H%M%S)}
-exec "$py" -m kit.pipeline "$system" --data-root "$DATA_ROOT" --run-dir "$RUN_DIR" "$@"
+# Relative paths (DATA_ROOT, RUN_DIR, --run-dir) stay relative to where the command was typed.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" -c 'import sys; from kit.pipeline import main; sys.exit(main(sys.argv[1:], prog="./run_all.sh"))' "$@"

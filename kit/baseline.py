@@ -96,8 +96,9 @@ def stack_frames(log_mel: torch.Tensor, n_frames: int = N_FRAMES) -> torch.Tenso
     return windows.transpose(1, 2).reshape(-1, n_mels * n_frames)
 
 
-def _clip_log_mel(path, front_end: LogMel) -> torch.Tensor:
-    wave = torch.from_numpy(data.load_audio(path, channel="near", sample_rate=SAMPLE_RATE))
+def _clip_log_mel(path, front_end: LogMel, channel: str = "near") -> torch.Tensor:
+    wave, _ = data.read_clip(path, channel, data.LengthPolicy(), sample_rate=SAMPLE_RATE)
+    wave = torch.from_numpy(np.ascontiguousarray(wave))
     log_mel = front_end(wave)
     if log_mel.shape[1] < N_FRAMES:
         raise ValueError(
@@ -133,12 +134,23 @@ class BaselineAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+def count_parameters(machines: int = 1) -> int:
+    """Parameters of the baseline's autoencoders: one model per machine type."""
+    return machines * sum(p.numel() for p in BaselineAutoencoder().parameters())
+
+
 # --------------------------------------------------------------------------------------------------
 # Data selection and checkpoint files
 # --------------------------------------------------------------------------------------------------
-def model_path(run_dir: str | os.PathLike, machine: str) -> Path:
-    """Where ``train_baseline`` saves the model of ``machine``: ``<run_dir>/baseline/<machine>.pt``."""
-    return Path(run_dir) / "baseline" / f"{machine}.pt"
+def model_path(run_dir: str | os.PathLike, machine: str, channel: str = "near") -> Path:
+    """Where ``train_baseline`` saves the model of ``machine``: ``<run_dir>/baseline/<machine>.pt`` for
+    the near channel (the official baseline), ``<machine>-<channel>.pt`` for another channel."""
+    return Path(run_dir) / "baseline" / (f"{machine}.pt" if channel == "near" else f"{machine}-{channel}.pt")
+
+
+def system_name(method: str, channel: str = "near") -> str:
+    """``baseline-MSE`` (the official near-channel baseline), ``baseline-MSE-w1`` on a canceller's output."""
+    return f"baseline-{method}" if channel == "near" else f"baseline-{method}-{channel}"
 
 
 def _machine_clips(index_df: pd.DataFrame, machine: str, splits: tuple[str, ...]) -> pd.DataFrame:
@@ -230,14 +242,16 @@ def train_baseline(
     learning_rate: float = 1e-3,
     validation_split: float = 0.1,
     seed: int = 0,
+    channel: str = "near",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Path:
     """Train the baseline autoencoder of one machine type and fit its MAHALA covariances.
 
     Uses the normal training clips of ``machine`` in ``index_df`` (all its sections, both domains),
-    near channel. Writes ``model_path(run_dir, machine)`` (weights, covariances, settings, loss
-    history) and ``<machine>_history.csv`` beside it, atomically; returns the model path.
+    on ``channel`` (the near channel as the organisers do, or a canceller's output such as ``w1``).
+    Writes ``model_path(run_dir, machine, channel)`` (weights, covariances, settings, loss history)
+    and its ``_history.csv`` beside it, atomically; returns the model path.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -251,7 +265,7 @@ def train_baseline(
     front_end = LogMel()
 
     log_mels = [
-        _clip_log_mel(path, front_end).T
+        _clip_log_mel(path, front_end, channel).T
         for path in tqdm(clips["path"], desc=f"baseline features {machine}", disable=not progress)
     ]
     lengths = torch.tensor([len(m) for m in log_mels])
@@ -307,7 +321,7 @@ def train_baseline(
             moments.add(domain, (x - model(x)).reshape(-1, N_MELS).cpu().numpy())
     precisions = moments.precisions(machine)
 
-    path = model_path(run_dir, machine)
+    path = model_path(run_dir, machine, channel)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "machine": machine,
@@ -323,6 +337,7 @@ def train_baseline(
             "validation_split": validation_split,
             "seed": seed,
             "n_clips": len(clips),
+            "channel": channel,
         },
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "precision": {domain: torch.from_numpy(p) for domain, p in precisions.items()},
@@ -330,7 +345,7 @@ def train_baseline(
     }
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
-    write_text_atomic(path.with_name(f"{machine}_history.csv"), pd.DataFrame(history).to_csv(index=False))
+    write_text_atomic(path.with_name(f"{path.stem}_history.csv"), pd.DataFrame(history).to_csv(index=False))
     return path
 
 
@@ -383,6 +398,7 @@ def score_baseline(
     method: str = "MAHALA",
     *,
     include_train: bool = True,
+    channel: str = "near",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -390,24 +406,26 @@ def score_baseline(
 
     ``method`` is ``"MSE"`` or ``"MAHALA"`` (see the module docstring). Test clips are always scored,
     training clips too when ``include_train`` (the autoencoder has seen them: their scores serve
-    the official decision threshold, as in the organisers' baseline). ``channel`` is ``"near"``.
+    the official decision threshold, as in the organisers' baseline). ``channel`` as in training.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    clips, scores = _score_clips(index_df, run_dir, machine, include_train, device, progress)
-    return clips.assign(channel="near", score=scores[method])[SCORE_COLUMNS]
+    clips, scores = _score_clips(index_df, run_dir, machine, include_train, channel, device, progress)
+    return clips.assign(channel=channel, score=scores[method])[SCORE_COLUMNS]
 
 
-def _score_clips(index_df, run_dir, machine, include_train, device, progress) -> tuple[pd.DataFrame, dict]:
+def _score_clips(
+    index_df, run_dir, machine, include_train, channel, device, progress
+) -> tuple[pd.DataFrame, dict]:
     """Both methods' scores from one decoding and reconstruction of each clip."""
-    model, precisions, _ = load_baseline(model_path(run_dir, machine), device)
+    model, precisions, _ = load_baseline(model_path(run_dir, machine, channel), device)
     clips = _machine_clips(index_df, machine, ("train", "test") if include_train else ("test",))
     device = next(model.parameters()).device
     front_end = LogMel()
     errors, mean_residuals = [], []
     with torch.no_grad():
         for path in tqdm(clips["path"], desc=f"baseline score {machine}", disable=not progress):
-            x = stack_frames(_clip_log_mel(path, front_end)).to(device)
+            x = stack_frames(_clip_log_mel(path, front_end, channel)).to(device)
             residual = x - model(x)
             errors.append(float((residual**2).mean()))
             mean_residuals.append(residual.reshape(-1, N_MELS).mean(dim=0).cpu().numpy())
@@ -420,19 +438,34 @@ def run_baseline(
     *,
     epochs: int = 100,
     methods: tuple[str, ...] = ("MSE", "MAHALA"),
+    channels: tuple[str, ...] = ("near",),
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
-    """Train one autoencoder per machine type (reusing a saved model) and score every clip with each
-    method (one decoding per clip for all methods): ``{"baseline-MSE": scores, "baseline-MAHALA": scores}`` in the scores contract."""
+    """Train one autoencoder per machine type and channel (reusing a saved model trained for as many
+    epochs) and score every clip with each method (one decoding per clip for all methods):
+    ``{system_name(method, channel): scores}`` (``baseline-MSE``, ``baseline-MAHALA``,
+    ``baseline-MSE-w1``, ...) in the scores contract."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown baseline method(s) {unknown}; expected a subset of {METHODS}")
-    per_method: dict[str, list[pd.DataFrame]] = {m: [] for m in methods}
-    for machine in sorted(index_df["machine"].unique()):
-        if not model_path(run_dir, machine).exists():
-            train_baseline(index_df, run_dir, machine, epochs=epochs, device=device, progress=progress)
-        clips, scores = _score_clips(index_df, run_dir, machine, True, device, progress)
-        for method in methods:
-            per_method[method].append(clips.assign(channel="near", score=scores[method])[SCORE_COLUMNS])
-    return {f"baseline-{m}": pd.concat(parts, ignore_index=True) for m, parts in per_method.items()}
+    per_system: dict[str, list[pd.DataFrame]] = {}
+    for channel in channels:
+        data.check_channel(channel)
+        for machine in sorted(index_df["machine"].unique()):
+            path = model_path(run_dir, machine, channel)
+            if not path.exists() or load_baseline(path)[2]["settings"].get("epochs") != epochs:
+                train_baseline(
+                    index_df,
+                    run_dir,
+                    machine,
+                    epochs=epochs,
+                    channel=channel,
+                    device=device,
+                    progress=progress,
+                )
+            clips, scores = _score_clips(index_df, run_dir, machine, True, channel, device, progress)
+            for method in methods:
+                frame = clips.assign(channel=channel, score=scores[method])[SCORE_COLUMNS]
+                per_system.setdefault(system_name(method, channel), []).append(frame)
+    return {name: pd.concat(parts, ignore_index=True) for name, parts in per_system.items()}

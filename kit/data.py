@@ -24,10 +24,16 @@ attributes of clips whose names carry none.
 Channels: 2026 clips are stereo, channel 0 = ``near`` microphone, channel 1 = ``far`` microphone.
 A mono clip (earlier years) only has ``near``. ``ClipDataset`` streams clips from disk, one item
 per (clip, channel), which is how the EAT-ASP system doubles its training data.
+
+Reading is lean: ``read_clip(path, channel, length_policy, rng)`` draws the crop from the frame count
+in the WAV header first and then decodes only that window (``load_audio(..., start=, frames=)``),
+with results equal to decoding the whole clip and cutting it (``python -m kit.bench loader``
+measures the difference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -44,6 +50,7 @@ import torchaudio.functional as audio_functional
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from kit import denoise
 from kit.files import atomic_path
 
 INDEX_COLUMNS = (
@@ -384,41 +391,137 @@ def load_index(path: str | os.PathLike) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------
+# Channels: the two microphones and the far-channel cancellers of kit.denoise
+
+
+def channel_names() -> tuple[str, ...]:
+    """Every channel name: ``near``, ``far`` and each canceller (``w1``, ``ss``, ...), which is computed
+    on the fly from the stereo clip and can stand wherever a channel can."""
+    return tuple(CHANNEL_INDEX) + tuple(denoise.CANCELLERS)
+
+
+def check_channel(channel: str) -> str:
+    if channel not in channel_names():
+        raise ValueError(f"unknown channel {channel!r}: expected one of {', '.join(channel_names())}")
+    return channel
+
+
+def needs_stereo(channel: str) -> bool:
+    """Whether a channel needs the far microphone (every channel but ``near``)."""
+    return check_channel(channel) != "near"
+
+
+def derive_channel(pair: np.ndarray, channel: str, settings: dict | None = None) -> np.ndarray:
+    """Channel ``channel`` of a stereo clip ``[2, T]``: a microphone, or a canceller's output (with
+    ``settings[channel]``, its settings over the defaults)."""
+    if channel in CHANNEL_INDEX:
+        return pair[CHANNEL_INDEX[channel]]
+    return denoise.cancel_numpy(pair, check_channel(channel), **((settings or {}).get(channel) or {}))
+
+
+def front_end_key(channels, settings: dict | None = None) -> list[str]:
+    """The cancellers among ``channels`` with every setting (for cache keys); [] for microphones only."""
+    return [denoise.settings_key(c, (settings or {}).get(c)) for c in channels if c in denoise.CANCELLERS]
+
+
+# ----------------------------------------------------------------------------------------------
 # Audio
+
+AUDIO_CHANNELS = ("near", "far", "both")
+
+
+@contextlib.contextmanager
+def _open_clip(path: Path, channel: str, front_end: str | None = None):
+    """The clip's open ``SoundFile`` once it is known to be readable, to hold samples, to be mono or
+    stereo and to have ``channel``. Only the header is read here."""
+    if channel not in AUDIO_CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}: expected 'near', 'far' or 'both'")
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        handle = sf.SoundFile(path)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise DatasetError(f"unreadable or corrupt audio file {path}: {err}") from err
+    with handle:
+        if handle.frames <= 0:
+            raise DatasetError(f"corrupt audio file {path}: it holds no samples")
+        if handle.channels > 2:
+            raise DatasetError(f"{path} has {handle.channels} channels: expected mono or stereo (near, far)")
+        if channel != "near" and handle.channels == 1:
+            asked = front_end or channel
+            raise DatasetError(
+                f"mono clip {path} has no far channel (channel={asked!r} needs a stereo near/far clip"
+                + (": a canceller uses the far microphone as its noise reference)" if front_end else ")")
+            )
+        yield handle
+
+
+def _read_frames(handle: sf.SoundFile, path: Path, channel: str, start: int, frames: int) -> np.ndarray:
+    """Frames ``start .. start + frames`` (``frames=-1``: to the end) of one channel ([T]) or of both
+    ([2, T]). libsndfile decodes whole frames (every channel), but only the frames asked for."""
+    try:
+        handle.seek(start)
+        data = handle.read(frames, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise DatasetError(f"unreadable or corrupt audio file {path}: {err}") from err
+    wave = np.ascontiguousarray(data.T if channel == "both" else data[:, CHANNEL_INDEX[channel]])
+    if not np.isfinite(wave).all():
+        raise DatasetError(f"audio file {path} holds NaN or infinite samples")
+    return wave
+
+
+def _resample(wave: np.ndarray, file_rate: int, sample_rate: int | None) -> np.ndarray:
+    if sample_rate is None or file_rate == sample_rate:
+        return wave
+    return audio_functional.resample(torch.from_numpy(wave), file_rate, sample_rate).numpy()
 
 
 def load_audio(
-    path: str | os.PathLike, channel: str = "near", sample_rate: int | None = SAMPLE_RATE
+    path: str | os.PathLike,
+    channel: str = "near",
+    sample_rate: int | None = SAMPLE_RATE,
+    *,
+    start: int = 0,
+    frames: int | None = None,
+    front_end: str | None = None,
 ) -> np.ndarray:
     """Read one clip as float32: ``near`` (channel 0) or ``far`` (channel 1) as [T], ``both`` as [2, T].
 
     A mono clip only has ``near``. The clip is resampled to ``sample_rate`` when its rate differs
     (``None`` keeps the file's rate).
+
+    ``start`` and ``frames`` select the samples ``start .. start + frames`` of the result (counted at
+    ``sample_rate``; ``frames=None``: to the end; a window running past the end is cut there, as a
+    slice would be). A file already at ``sample_rate`` is read from ``start`` and only ``frames``
+    frames are decoded. A file at another rate is decoded whole, resampled, then cut: the resampling
+    filter needs the neighbouring samples, so this keeps the result equal to cutting the whole
+    resampled clip.
     """
-    if channel not in ("near", "far", "both"):
-        raise ValueError(f"unknown channel {channel!r}: expected 'near', 'far' or 'both'")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    try:
-        data, file_rate = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError) as err:
-        raise DatasetError(f"unreadable or corrupt audio file {path}: {err}") from err
-    n_frames, n_channels = data.shape
-    if n_frames == 0:
-        raise DatasetError(f"corrupt audio file {path}: it holds no samples")
-    if n_channels > 2:
-        raise DatasetError(f"{path} has {n_channels} channels: expected mono or stereo (near, far)")
-    if channel != "near" and n_channels == 1:
-        raise DatasetError(
-            f"mono clip {path} has no far channel (channel={channel!r} needs a stereo near/far clip)"
-        )
-    wave = data.T if channel == "both" else data[:, CHANNEL_INDEX[channel]]
-    wave = np.ascontiguousarray(wave)
-    if not np.isfinite(wave).all():
-        raise DatasetError(f"audio file {path} holds NaN or infinite samples")
-    if sample_rate is not None and file_rate != sample_rate:
-        wave = audio_functional.resample(torch.from_numpy(wave), file_rate, sample_rate).numpy()
+    if int(start) != start or start < 0:
+        raise ValueError(f"start must be a non-negative sample index, got {start!r}")
+    if frames is not None and (int(frames) != frames or frames <= 0):
+        raise ValueError(f"frames must be a positive sample count or None, got {frames!r}")
+    start = int(start)
+    with _open_clip(path, channel, front_end) as handle:
+        file_rate = handle.samplerate
+        if sample_rate is not None and file_rate != sample_rate:
+            wave = _resample(_read_frames(handle, path, channel, 0, -1), file_rate, sample_rate)
+            n_total = wave.shape[-1]
+            stop = n_total if frames is None else start + int(frames)
+            if start >= n_total:
+                raise ValueError(
+                    f"start {start} is past the end of {path}: the clip has {n_total} samples "
+                    f"at {sample_rate} Hz (after resampling from {file_rate} Hz)"
+                )
+            wave = np.ascontiguousarray(wave[..., start:stop])
+        else:
+            if start >= handle.frames:
+                raise ValueError(
+                    f"start {start} is past the end of {path}: the clip has {handle.frames} samples "
+                    f"at {file_rate} Hz"
+                )
+            wave = _read_frames(handle, path, channel, start, -1 if frames is None else int(frames))
     return wave.astype(np.float32, copy=False)
 
 
@@ -510,19 +613,81 @@ class LengthPolicy:
         self, wave: np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[np.ndarray, int]:
         """As ``apply``, plus how many samples of the result are real audio (the rest is padding)."""
-        n_total = wave.shape[-1]
+        start, n_samples = self.window(wave.shape[-1], rng)
+        if n_samples is None:
+            return wave, wave.shape[-1]
+        return _crop_and_pad(wave, start, n_samples)
+
+    def window(self, n_total: int, rng: np.random.Generator | None = None) -> tuple[int, int | None]:
+        """``(start, n_samples)`` of the window kept from a clip of ``n_total`` samples (``n_samples``
+        None: the whole clip). ``random_crop`` draws from ``rng`` exactly as ``apply`` does, so a
+        reader that knows the clip's length can read only this window (``read_clip``)."""
         if self.mode == "none":
-            return wave, n_total
+            return 0, None
         if self.mode == "pad_or_cut":
-            start = 0
-        elif self.mode == "random_crop":
+            return 0, self.n_samples
+        if self.mode == "random_crop":
             if rng is None:
                 raise ValueError("length mode 'random_crop' needs a numpy Generator (rng)")
-            start = _random_start(n_total, self.n_samples, rng)
-        else:
-            offset = self.offset if self.offset == "center" else round(self.offset * self.sample_rate)
-            start = _fixed_start(n_total, self.n_samples, offset)
-        return _crop_and_pad(wave, start, self.n_samples)
+            return _random_start(n_total, self.n_samples, rng), self.n_samples
+        offset = self.offset if self.offset == "center" else round(self.offset * self.sample_rate)
+        return _fixed_start(n_total, self.n_samples, offset), self.n_samples
+
+
+def default_workers() -> int:
+    """Loader processes when a ``num_workers`` setting is None: one per core but one (the main process
+    feeds the model), at most 8; none on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading only the window a length policy keeps
+
+
+def read_clip(
+    path: str | os.PathLike,
+    channel: str,
+    length: LengthPolicy,
+    rng: np.random.Generator | None = None,
+    *,
+    sample_rate: int | None = SAMPLE_RATE,
+    front_end_settings: dict | None = None,
+) -> tuple[np.ndarray, int]:
+    """One clip brought to length, reading from disk only the window that is kept.
+
+    ``channel`` may be a canceller (``w1``, ...): the stereo clip is then read whole, cancelled with
+    ``front_end_settings[channel]`` and cut.
+
+    Returns ``(wave, valid)`` equal to ``length.apply_with_length(load_audio(path, channel,
+    sample_rate), rng)``: the same window for the same ``rng`` (the start is drawn from the clip's
+    frame count in its header, with the same draws), the same zero padding of a short clip, the
+    same errors, except that only the kept window is checked for NaN (samples outside it never
+    reach the model). But a 5-s crop of a 16-s stereo clip decodes 5 s, not 16 s.
+
+    Decoded whole (and then cut, exactly as before): length mode ``none``, and a file whose rate
+    differs from ``sample_rate`` (resampling needs the samples around the window's edges).
+    """
+    path = Path(path)
+    if length.mode != "none" and sample_rate is not None and length.sample_rate != sample_rate:
+        raise ValueError(
+            f"length policy counts samples at {length.sample_rate} Hz but audio is loaded at {sample_rate} Hz"
+        )
+    if channel in denoise.CANCELLERS:
+        # A canceller fits its gains on the whole clip (as published), then the window is kept.
+        pair = load_audio(path, "both", sample_rate, front_end=channel)
+        return length.apply_with_length(derive_channel(pair, channel, front_end_settings), rng)
+    with _open_clip(path, channel) as handle:
+        if length.mode == "none" or (sample_rate is not None and handle.samplerate != sample_rate):
+            whole = _read_frames(handle, path, channel, 0, -1)
+            wave = _resample(whole, handle.samplerate, sample_rate).astype(np.float32, copy=False)
+            return length.apply_with_length(wave, rng)
+        start, n_samples = length.window(handle.frames, rng)
+        wave = _read_frames(handle, path, channel, start, n_samples)
+    return _crop_and_pad(wave, 0, n_samples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,8 +696,8 @@ class LengthPolicy:
 
 def _channel_tuple(channels: str | Sequence[str]) -> tuple[str, ...]:
     channels = (channels,) if isinstance(channels, str) else tuple(channels)
-    if not channels or any(c not in CHANNEL_INDEX for c in channels) or len(set(channels)) != len(channels):
-        raise ValueError(f"channels must be distinct names from {tuple(CHANNEL_INDEX)}, got {channels!r}")
+    if not channels or any(c not in channel_names() for c in channels) or len(set(channels)) != len(channels):
+        raise ValueError(f"channels must be distinct names from {channel_names()}, got {channels!r}")
     return channels
 
 
@@ -593,7 +758,7 @@ class ClipDataset(Dataset):
                 f"pass channels=('near', 'far'), got {channels}"
             )
         index_df = index_df.reset_index(drop=True)
-        mono = _first_mono(index_df) if "far" in channels else None
+        mono = _first_mono(index_df) if any(needs_stereo(c) for c in channels) else None
         if mono is not None:
             raise DatasetError(f"mono clip {mono} has no far channel: use channels=('near',) for mono data")
         if pair_channels:
@@ -636,9 +801,8 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         channel = self._channels[item]
-        wave = load_audio(self._paths[item], channel=channel, sample_rate=self.sample_rate)
         rng = np.random.default_rng([self.seed, self.epoch, item])
-        wave, valid = self.length.apply_with_length(wave, rng)
+        wave, valid = read_clip(self._paths[item], channel, self.length, rng, sample_rate=self.sample_rate)
         return {
             "wave": torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
             "length": int(valid),

@@ -15,9 +15,12 @@ a fixed input length, like EAT's ``target_length``, no longer drops the end of a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,83 @@ from tqdm.auto import tqdm
 
 from kit import data
 from kit.files import atomic_path
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How notebooks 02-04 embed every clip (their ``extract`` mapping, through ``from_dict``).
+
+    ``length_mode``/``seconds``: the clip as recorded (``"none"``, the default: the backbones are
+    batch invariant), or zero-padded/cut to ``seconds`` (``"pad_or_cut"``, EAT-ASP's 16 s) or a fixed
+    crop. ``mask_padding``: the backbone is told how much of the input is audio, so added zeros are
+    masked; False feeds the padding as input (EAT-ASP). ``window_seconds``/``window_hop``: embed
+    overlapping windows and average them (see the module docstring)."""
+
+    channels: tuple[str, ...] = ("near", "far")  # microphones and cancellers (w1, ss, ...: kit.denoise)
+    front_end_settings: dict = dataclasses.field(default_factory=dict)  # canceller name -> settings
+    length_mode: str = "none"
+    seconds: float | None = None
+    mask_padding: bool = True
+    window_seconds: float | None = None
+    window_hop: float | None = None
+    batch_size: int = 16
+    num_workers: int | None = None  # decoding processes beside the model; None: kit.data.default_workers()
+    precision: str = "auto"  # kit.precision: bf16 autocast on 8.0+ GPUs, fp16 on 7.x, fp32 on the CPU
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        for channel in self.channels:
+            data.check_channel(channel)
+        self.length_policy()  # validates length_mode and seconds
+        _check_window(self.window_seconds, self.window_hop)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"extraction batch_size must be a positive integer, got {self.batch_size!r}")
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ExtractConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"extraction settings must be a mapping of ExtractConfig fields, got {values!r}")
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise ValueError(
+                f"unknown extraction setting(s) {unknown}; valid settings: {sorted(cls.fields())}"
+            )
+        values = dict(values)
+        if isinstance(values.get("channels"), str):
+            values["channels"] = (values["channels"],)
+        return cls(**values)
+
+    @classmethod
+    def for_index(cls, values: dict, index: pd.DataFrame) -> ExtractConfig:
+        """``from_dict`` for a dataset: on a mono dataset the channels default to the near channel."""
+        values = dict(values)
+        if "channels" not in values and not bool((index["channels"] >= 2).all()):  # mono data: near only
+            values["channels"] = ("near",)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "channels": list(self.channels)}
+
+    def length_policy(self) -> data.LengthPolicy:
+        return data.LengthPolicy(mode=self.length_mode, seconds=self.seconds)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``extract`` / ``compute_embeddings``."""
+        return dict(
+            channels=self.channels,
+            front_end_settings=self.front_end_settings,
+            length=self.length_policy(),
+            mask_padding=self.mask_padding,
+            window_seconds=self.window_seconds,
+            window_hop=self.window_hop,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            precision=self.precision,
+        )
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -40,13 +120,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def data_fingerprint(
-    index: pd.DataFrame, channels, length: data.LengthPolicy, window: tuple | None = None
+    index: pd.DataFrame,
+    channels,
+    length: data.LengthPolicy,
+    window: tuple | None = None,
+    mask_padding: bool = True,
+    front_end_settings: dict | None = None,
 ) -> str:
     digest = hashlib.sha1()
     for path in index["path"]:
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     described = [list(channels), length.mode, length.seconds] + ([list(window)] if window else [])
+    if not mask_padding:  # only then, so caches written before this setting existed stay valid
+        described.append("padding-as-input")
+    described += data.front_end_key(channels, front_end_settings)  # cancellers and their settings
     digest.update(json.dumps(described).encode())
     return digest.hexdigest()
 
@@ -74,25 +162,94 @@ def _check_window(window_seconds: float | None, window_hop: float | None) -> tup
     return float(window_seconds), float(hop)
 
 
-def _embed_waves(embedder, waves, device, autocast: bool, batch_size: int) -> np.ndarray:
-    """Embeddings ``[len(waves), D]`` of a list of 1-D waves, ``batch_size`` waves per forward pass."""
+def _embed_waves(embedder, waves, lengths, device, prec, batch_size: int) -> np.ndarray:
+    """Embeddings ``[len(waves), D]`` of 1-D waves whose first ``lengths[i]`` samples are audio,
+    ``batch_size`` waves per forward pass."""
     out = []
     for start in range(0, len(waves), batch_size):
         part = waves[start : start + batch_size]
-        lengths = torch.tensor([len(w) for w in part])
-        padded = torch.zeros(len(part), int(lengths.max()))
+        valid = torch.tensor(lengths[start : start + batch_size])
+        padded = torch.zeros(len(part), max(len(w) for w in part))
         for j, w in enumerate(part):
             padded[j, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out.append(embedder(padded.to(device), lengths.to(device)).float().cpu().numpy())
+        with prec.autocast():
+            out.append(embedder(padded.to(device, non_blocking=True), valid.to(device)).float().cpu().numpy())
     return np.concatenate(out)
 
 
-def _batches(index: pd.DataFrame, batch_size: int):
+def _windows(waves, lengths, window: tuple) -> tuple[list, list, np.ndarray]:
+    """Cut every wave's audio (its first ``lengths[j]`` samples) into windows: the pieces, their
+    audio lengths and the wave each came from."""
+    size, hop = (max(1, round(x * data.SAMPLE_RATE)) for x in window)
+    pieces, valid, owner = [], [], []
+    for j, (wave, n) in enumerate(zip(waves, lengths)):
+        for start in window_starts(n, size, hop):
+            pieces.append(wave[start : start + size])
+            valid.append(min(size, n - int(start)))
+            owner.append(j)
+    return pieces, valid, np.asarray(owner)
+
+
+def _warn_if_cut(embedder, longest_seconds: float, window: tuple | None) -> None:
+    """A backbone with a fixed input length (EAT's ``target_length``, FISHER's ``pad_to``) drops the end
+    of a longer input: say so, since windows of that length would keep it."""
+    limit = getattr(getattr(embedder, "backbone", embedder), "max_input_seconds", None)
+    seconds = window[0] if window else longest_seconds
+    if limit is not None and seconds > limit + 0.05:
+        warnings.warn(
+            f"the backbone takes at most {limit:.2f} s of input, so the end of inputs up to {seconds:.2f} s "
+            f"is dropped; set window_seconds to {limit:.2f} or less to embed whole clips",
+            stacklevel=3,
+        )
+
+
+def _batches(index: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
     """Rows sorted by duration, cut into batches: similar lengths share a batch."""
     order = np.argsort(index["duration"].to_numpy(), kind="stable")
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class _DecodedBatches(torch.utils.data.Dataset):
+    """Item ``b``: the rows of batch ``b`` and, per channel, the clips brought to length and how many
+    samples of each are audio. Decoded in loader workers while the model embeds the previous batch;
+    each file is read once for all channels. Microphones only: just the window the length policy
+    keeps is decoded; with a canceller channel the whole stereo clip is read, cancelled, then cut."""
+
+    def __init__(self, paths, batches, channels, length, mask_padding: bool, front_end_settings=None):
+        self.paths, self.batches, self.channels = list(paths), batches, tuple(channels)
+        self.length, self.mask_padding = length, mask_padding
+        self.front_end_settings = front_end_settings or {}
+        self.stereo = any(data.needs_stereo(c) for c in self.channels)
+        self.derived = any(c not in data.CHANNEL_INDEX for c in self.channels)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _fitted(self, path: str) -> dict[str, tuple[np.ndarray, int]]:
+        if self.derived:
+            pair = data.load_audio(
+                path, "both", front_end=next(c for c in self.channels if c not in data.CHANNEL_INDEX)
+            )
+            return {
+                c: self.length.apply_with_length(data.derive_channel(pair, c, self.front_end_settings))
+                for c in self.channels
+            }
+        wave, valid = data.read_clip(path, "both" if self.stereo else "near", self.length)
+        return {c: ((wave[data.CHANNEL_INDEX[c]] if self.stereo else wave), valid) for c in self.channels}
+
+    def __getitem__(self, b: int):
+        rows = self.batches[b]
+        clips = [self._fitted(self.paths[i]) for i in rows]
+        decoded = {}
+        for channel in self.channels:
+            waves = [clip[channel][0] for clip in clips]
+            valid = [clip[channel][1] if self.mask_padding else clip[channel][0].shape[-1] for clip in clips]
+            decoded[channel] = (waves, valid)
+        return rows, decoded
+
+
+def _as_is(item):
+    return item
 
 
 @torch.no_grad()
@@ -101,64 +258,73 @@ def compute_embeddings(
     index: pd.DataFrame,
     *,
     channels=("near", "far"),
+    front_end_settings: dict | None = None,
     length: data.LengthPolicy | None = None,
+    mask_padding: bool = True,
     window_seconds: float | None = None,
     window_hop: float | None = None,
     batch_size: int = 16,
+    num_workers: int | None = None,
+    precision: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Embed every clip of ``index`` for every channel. Returns ``(meta, emb)``: ``meta`` holds the
     index columns plus ``channel``, one row per (clip, channel) in index order, channel-major.
 
-    ``length`` brings each clip to length first; with ``window_seconds`` the result is then cut into
-    windows (``window_hop`` apart, default half a window, see ``window_starts``) and the clip's
-    embedding is the mean of its windows' embeddings."""
+    ``length`` brings each clip to length first (the backbone is told how many samples are audio, so
+    added zeros are masked, unless ``mask_padding=False``); with ``window_seconds`` the clip's audio
+    is then cut into windows (``window_hop`` apart, default half a window, see ``window_starts``) and
+    the clip's embedding is the mean of its windows' embeddings. Clips are decoded by ``num_workers``
+    loader processes (None: ``kit.data.default_workers()``) while the model runs, under the
+    ``precision`` policy of ``kit.precision``."""
+    from kit import precision as precision_policy
+
     length = length or data.LengthPolicy(mode="none")
     window = _check_window(window_seconds, window_hop)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prec = precision_policy.resolve(precision, device)
     embedder = embedder.to(device).eval()
     index = index.reset_index(drop=True)
-    autocast = device.type == "cuda"
-    if "far" in channels and (index["channels"] < 2).any():
+    stereo_channels = [c for c in channels if data.needs_stereo(c)]
+    if stereo_channels and (index["channels"] < 2).any():
         mono = index.loc[index["channels"] < 2, "path"].iloc[0]
         raise ValueError(
-            f"channel 'far' requested but {mono} is mono; embed channels=('near',) for mono data"
+            f"channel {stereo_channels[0]!r} needs the far microphone but {mono} is mono; "
+            "embed channels=('near',) for mono data"
         )
-    # Each file is decoded once per batch and every requested channel is cut from it.
-    decode_as = "both" if "far" in channels else "near"
-    pick = {"near": 0, "far": 1}
+    longest = float(index["duration"].max()) if length.mode == "none" else float(length.seconds)
+    _warn_if_cut(embedder, longest, window)
+    batches = _batches(index, batch_size)
+    workers = data.default_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        _DecodedBatches(index["path"], batches, channels, length, mask_padding, front_end_settings),
+        batch_size=None,
+        num_workers=min(workers, len(batches)),
+        collate_fn=_as_is,
+        pin_memory=device.type == "cuda",
+    )
     out = {channel: None for channel in channels}
-    bar = tqdm(total=(len(index) + batch_size - 1) // batch_size, desc="embed", disable=not progress)
-    for batch in _batches(index, batch_size):
-        clips = [data.load_audio(index["path"].iloc[i], channel=decode_as) for i in batch]
-        for channel in channels:
-            waves = [length.apply(c[pick[channel]] if decode_as == "both" else c, None) for c in clips]
+    for rows, decoded in tqdm(loader, total=len(batches), desc="embed", disable=not progress):
+        for channel, (waves, valid) in decoded.items():
             if window is None:
-                emb = _embed_waves(embedder, waves, device, autocast, batch_size)
+                emb = _embed_waves(embedder, waves, valid, device, prec, batch_size)
             else:
-                size, hop = (max(1, round(x * data.SAMPLE_RATE)) for x in window)
-                owner, pieces = [], []
-                for j, w in enumerate(waves):
-                    for start in window_starts(len(w), size, hop):
-                        owner.append(j)
-                        pieces.append(w[start : start + size])
-                per_window = _embed_waves(embedder, pieces, device, autocast, batch_size)
-                owner = np.asarray(owner)
+                pieces, piece_valid, owner = _windows(waves, valid, window)
+                per_window = _embed_waves(embedder, pieces, piece_valid, device, prec, batch_size)
                 emb = np.zeros((len(waves), per_window.shape[1]), dtype=np.float32)
                 np.add.at(emb, owner, per_window)
                 emb /= np.bincount(owner, minlength=len(waves))[:, None]
             if out[channel] is None:
                 out[channel] = np.zeros((len(index), emb.shape[1]), dtype=np.float32)
-            out[channel][batch] = emb
-        bar.update(1)
+            out[channel][rows] = emb
     for channel, values in out.items():
         if not np.isfinite(values).all():
             bad = index["path"].iloc[int(np.flatnonzero(~np.isfinite(values).all(1))[0])]
-            raise FloatingPointError(f"non-finite embedding for {bad} ({channel} channel)")
+            hint = " (fp16 overflow? try precision='fp32')" if prec.mode == "fp16" else ""
+            raise FloatingPointError(f"non-finite embedding for {bad} ({channel} channel){hint}")
     parts = [out[channel] for channel in channels]
     metas = [index.assign(channel=channel) for channel in channels]
-    bar.close()
     return pd.concat(metas, ignore_index=True), np.concatenate(parts)
 
 
@@ -169,17 +335,23 @@ def extract(
     name: str,
     *,
     channels=("near", "far"),
+    front_end_settings: dict | None = None,
     length: data.LengthPolicy | None = None,
+    mask_padding: bool = True,
     window_seconds: float | None = None,
     window_hop: float | None = None,
     batch_size: int = 16,
+    num_workers: int | None = None,
+    precision: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray, Path]:
     """``compute_embeddings`` behind the cache. Returns ``(meta, emb, cache_folder)``."""
     length = length or data.LengthPolicy(mode="none")
     window = _check_window(window_seconds, window_hop)
-    fingerprint = data_fingerprint(index, channels, length, window)
+    fingerprint = data_fingerprint(index, channels, length, window, mask_padding, front_end_settings)
+    if precision not in ("auto", "fp32"):  # a forced low precision gives other numbers: its own cache
+        fingerprint += precision
     key = hashlib.sha1((model_fingerprint(embedder) + fingerprint).encode())
     folder = Path(run_dir) / "embeddings" / f"{name}-{key.hexdigest()[:12]}"
     if (folder / "emb.npy").exists() and (folder / "meta.csv").exists():
@@ -188,10 +360,14 @@ def extract(
         embedder,
         index,
         channels=channels,
+        front_end_settings=front_end_settings,
         length=length,
+        mask_padding=mask_padding,
         window_seconds=window_seconds,
         window_hop=window_hop,
         batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
         device=device,
         progress=progress,
     )

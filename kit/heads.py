@@ -8,9 +8,13 @@ so a clip gives the same embedding alone or inside a padded batch.
 - :class:`AttentiveStatsPool` (``"asp"``): attentive statistics pooling as in ECAPA-TDNN, the head of
   the EAT-ASP report;
 - :class:`MeanPool` (``"mean"``): masked mean over the tokens;
-- :class:`ClsPool` (``"cls"``): the first token (the backbone's CLS token where it has one).
+- :class:`ClsPool` (``"cls"``): the first token (the backbone's CLS token where it has one);
+- :class:`StatsPool` (``"stats"``): mean and standard deviation of every channel over the valid
+  tokens, ``[mean; std]``; parameter-free unless a projection to another size is asked for (the
+  log-mel statistics detector, and a plain statistics-pooling head for trained backbones).
 
-Each head ends with the same projection, ``Linear -> LayerNorm``. LayerNorm rather than BatchNorm1d:
+Each head ends with the same projection, ``Linear -> LayerNorm`` (the parameter-free ``"stats"`` head
+has none). LayerNorm rather than BatchNorm1d:
 its output does not depend on the other clips of the batch, so training with small batches (16 in
 the EAT-ASP report), gradient accumulation or a single clip at inference all behave the same.
 """
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("asp", "mean", "cls")
+HEADS = ("asp", "mean", "cls", "stats")
 
 
 def _check_inputs(tokens: torch.Tensor, padding_mask: torch.Tensor | None, in_dim: int) -> torch.Tensor:
@@ -142,10 +146,39 @@ class ClsPool(nn.Module):
         return self.projection(tokens[:, 0])
 
 
-def make_head(kind: str, in_dim: int, embed_dim: int, **options) -> nn.Module:
-    """Build pooling head ``kind`` (``"asp"``, ``"mean"`` or ``"cls"``); ``options`` go to its constructor
-    (``bottleneck`` for ``"asp"``)."""
-    classes = {"asp": AttentiveStatsPool, "mean": MeanPool, "cls": ClsPool}
+class StatsPool(nn.Module):
+    """``[mean; std]`` of each of the ``in_dim`` channels over the valid tokens (population standard
+    deviation, the variance clamped at ``eps`` before the square root as in ASP).
+
+    ``embed_dim`` None or ``2 * in_dim``: no weights at all, the statistics are the embedding (the
+    per-clip log-mel statistics of ``kit.backbones.logmel``). Any other ``embed_dim``: the statistics
+    go through the ``Linear -> LayerNorm`` projection of the other heads (statistics pooling without
+    attention, a head for trained backbones)."""
+
+    def __init__(self, in_dim: int, embed_dim: int | None = None, eps: float = 1e-5):
+        super().__init__()
+        if in_dim < 1 or (embed_dim is not None and embed_dim < 1):
+            raise ValueError(f"in_dim and embed_dim must be >= 1, got {in_dim}, {embed_dim}")
+        self.in_dim, self.eps = in_dim, eps
+        self.embed_dim = 2 * in_dim if embed_dim is None else embed_dim
+        self.projection = None if self.embed_dim == 2 * in_dim else _Projection(2 * in_dim, self.embed_dim)
+
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        valid = _check_inputs(tokens, padding_mask, self.in_dim)
+        # Zero the padding first (it may hold NaN/inf, and NaN * 0 is NaN).
+        x = torch.where(valid, tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+        mean, std = _masked_mean_std(x, valid / valid.sum(dim=1, keepdim=True), self.eps)
+        pooled = torch.cat([mean, std], dim=-1)
+        return pooled if self.projection is None else self.projection(pooled)
+
+
+def make_head(kind: str, in_dim: int, embed_dim: int | None, **options) -> nn.Module:
+    """Build pooling head ``kind`` (``"asp"``, ``"mean"``, ``"cls"`` or ``"stats"``); ``options`` go to its
+    constructor (``bottleneck`` for ``"asp"``). ``embed_dim`` None is allowed for ``"stats"`` only
+    (the parameter-free ``[mean; std]`` of size ``2 * in_dim``)."""
+    classes = {"asp": AttentiveStatsPool, "mean": MeanPool, "cls": ClsPool, "stats": StatsPool}
     if kind not in classes:
         raise ValueError(f"unknown pooling head {kind!r}: expected one of {', '.join(HEADS)}")
+    if embed_dim is None and kind != "stats":
+        raise ValueError(f"pooling head {kind!r} needs an embed_dim (only 'stats' works without one)")
     return classes[kind](in_dim, embed_dim, **options)

@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +29,8 @@ def add_lora(
     pattern = getattr(backbone, "lora_target_modules", "")
     if not pattern:
         raise ValueError(f"{type(backbone).__name__} declares no lora_target_modules pattern")
+    from peft import LoraConfig, inject_adapter_in_model  # peft takes seconds to import: only when used
+
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
@@ -44,12 +44,20 @@ def add_lora(
     return backbone
 
 
+def _lora_layer():
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    return any(isinstance(m, _lora_layer()) for m in model.modules())
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights only (what ``save_adapters`` writes)."""
+    from peft import get_peft_model_state_dict
+
     return get_peft_model_state_dict(model)
 
 
@@ -63,6 +71,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load adapters saved by ``save_adapters`` into a model that already has LoRA injected."""
+    from peft import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(model, load_file(str(path)))
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if missing:
@@ -73,8 +83,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain layer back (in place)."""
+    layer = _lora_layer()
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, layer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

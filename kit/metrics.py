@@ -14,7 +14,8 @@ The numbers follow the organisers' evaluator (sklearn + scipy) exactly:
 Scores travel as a DataFrame with columns ``machine, section, file_name, score, label, domain`` (and
 optionally ``decision``); the loaders read the organisers' ground-truth layout and the official
 score CSVs, matching rows by file name whatever their order. ``python -m kit.metrics`` evaluates a
-score folder (or a submission folder of several systems) against ground truth.
+score folder (or a submission folder of several systems) against the organisers' ground truth or,
+for development clips, against the labels and domains their file names carry.
 """
 
 from __future__ import annotations
@@ -345,6 +346,55 @@ def attach_ground_truth(scores: pd.DataFrame, ground_truth: pd.DataFrame) -> pd.
     return merged
 
 
+def labels_from_file_names(scores: pd.DataFrame) -> pd.DataFrame:
+    """Add 0/1 ``label`` and ``domain`` to ``scores`` from development test clip names.
+
+    Development clips are named ``section_<XX>_<source|target>_test_<normal|anomaly>_<NNNN>_<attr>.wav``
+    (``kit.data.parse_file_name``), so their score files carry their own ground truth. Raises
+    ValueError naming the files when a name carries no label and domain (the evaluation names
+    ``section_00_0000.wav``: those need the organisers' ground truth, ``load_ground_truth``), is a
+    training clip, or belongs to another section than its score file.
+    """
+    from kit.data import DatasetError, parse_file_name  # here: kit.data imports torch
+
+    missing_columns = {"machine", "section", "file_name", "score"} - set(scores.columns)
+    if missing_columns:
+        raise ValueError(f"scores lack column(s) {sorted(missing_columns)}")
+    frame = scores.drop(columns=[c for c in ("label", "domain") if c in scores.columns]).copy()
+    frame["section"] = normalise_sections(frame["section"])
+    unlabelled, training, elsewhere, parsed = [], [], [], []
+    for machine, section, name in zip(frame["machine"], frame["section"], frame["file_name"]):
+        try:
+            parts = parse_file_name(str(name))
+        except DatasetError:  # not an official name at all: no label either
+            parts = {"label": "unknown"}
+        where = f"machine {machine} section {section}"
+        if parts["label"] == "unknown":
+            unlabelled.append((where, name))
+        elif parts["split"] != "test":
+            training.append((where, name))
+        elif parts["section"] != section:
+            elsewhere.append((where, name))
+        parsed.append(parts)
+    if unlabelled:
+        where = unlabelled[0][0]
+        names = [name for place, name in unlabelled if place == where]
+        raise ValueError(
+            f"{len(unlabelled)} scored file name(s) carry no label and domain ({where}: {preview(names)}); "
+            "development test clips are named section_<XX>_<source|target>_test_<normal|anomaly>_<NNNN>_"
+            "<attr>.wav, evaluation-set scores need the organisers' ground truth (--ground-truth GT_DIR)"
+        )
+    if training:
+        where, name = training[0]
+        raise ValueError(f"{where}: {name} is a training clip; score files list test clips only")
+    if elsewhere:
+        where, name = elsewhere[0]
+        raise ValueError(f"{where}: {name} names another section than its score file")
+    frame["label"] = [int(parts["label"] == "anomaly") for parts in parsed]
+    frame["domain"] = [int(parts["domain"] == "target") for parts in parsed]
+    return frame
+
+
 # --------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------
@@ -618,28 +668,50 @@ def _system_dirs(scores_dir: Path, system: str | None) -> dict[str, Path]:
     return systems
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m kit.metrics") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kit.metrics",
-        description="Evaluate official-format score CSVs against the organisers' ground truth.",
+        prog=prog,
+        description="Official metrics (AUC source/target, pAUC, official score) of official-format score\n"
+        "files: anomaly_score_<machine>_section_<XX>_test.csv (and decision_result_...), no header.\n"
+        "Development scores carry their labels and domains in the clip names; evaluation-set scores\n"
+        "need the organisers' ground truth (--ground-truth).",
+        epilog=f"""examples:
+  {prog} runs/RUN/dev_scores                 # every system of a run (development set: labels from names)
+  {prog} runs/RUN/dev_scores --system fusion --out fusion.csv
+  {prog} runs/RUN/submission --ground-truth GT_DIR   # evaluation set: the organisers' ground truth
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("scores_dir", type=Path, help="folder of anomaly_score_*.csv, or of system folders")
-    parser.add_argument("--ground-truth", type=Path, required=True, help="folder with ground_truth_data/ ...")
+    parser.add_argument(
+        "scores_dir", type=Path, help="folder of anomaly_score_*.csv, or a folder of such system folders"
+    )
+    parser.add_argument(
+        "--ground-truth",
+        type=Path,
+        help="organisers' ground-truth folder (ground_truth_data/, ground_truth_domain/, "
+        "optionally ground_truth_attributes/); default: labels and domains from development file names",
+    )
     parser.add_argument("--system", help="system name (single folder) or the one system to evaluate")
     parser.add_argument("--out", type=Path, help="write the full results table to this CSV")
     args = parser.parse_args(argv)
     try:
-        ground_truth = load_ground_truth(args.ground_truth)
+        ground_truth = load_ground_truth(args.ground_truth) if args.ground_truth is not None else None
         per_system = {}
         for name, folder in _system_dirs(args.scores_dir, args.system).items():
             try:
-                per_system[name] = attach_ground_truth(load_score_dir(folder), ground_truth)
+                scores = load_score_dir(folder)
+                if ground_truth is None:
+                    per_system[name] = labels_from_file_names(scores)
+                else:
+                    per_system[name] = attach_ground_truth(scores, ground_truth)
             except ValueError as error:
                 raise ValueError(f"system {name} ({folder}): {error}") from error
         table = results_table(per_system)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    source = args.ground_truth if args.ground_truth is not None else "the development file names"
+    print(f"labels and domains: {source}\n")
     summary = table[table["level"] != "section"]
     print(to_markdown(summary, ["system", "machine", "auc_source", "auc_target", "pauc", "hmean", "amean"]))
     for name, score in overall_scores(table).items():

@@ -7,7 +7,13 @@ gets ``data_root`` and ``run_dir``, so all stages read from and write to one run
 
     python -m kit.pipeline [SYSTEM] --data-root embedded --run-dir runs/x
     python -m kit.pipeline --list
-    python -m kit.pipeline default --set 02_finetune_beats.steps=50 --only 01,02
+    python -m kit.pipeline default --set 02.training.steps=50 --set 02.training.lr=1e-4 --only 01,02
+
+``--set NOTEBOOK.PARAM=VALUE`` replaces a parameter of every step of that notebook;
+``--set NOTEBOOK.PARAM.KEY=VALUE`` (any depth) sets one key inside a mapping parameter and keeps
+its other keys (the system's, or the notebook's default where the system sets none). A parameter
+the notebook does not declare is an error, so a typo never runs unnoticed. Values parse as YAML
+(``50``, ``1e-4``, ``[near]``, ``null``).
 
 Executed notebooks are saved beside the run's outputs (``<run_dir>/notebooks/``), so a run folder
 documents itself. ``sweep`` runs one notebook over a grid of parameters, each combination in its
@@ -17,7 +23,10 @@ own run folder (see the README).
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import itertools
+import json
 import os
 import re
 import shutil
@@ -30,7 +39,35 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 SYSTEMS = NOTEBOOKS / "systems"
+EMBEDDED = "embedded"
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-4`` as a number, as YAML 1.2 does (PyYAML's YAML 1.1 makes it a
+    string, which a learning rate must not silently become). For system files and --set values."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+# What ``--help`` says about the environment (run_all.sh and ``dcase-kit run`` read the same variables).
+ENVIRONMENT_HELP = """\
+environment variables:
+  DATA_ROOT          dataset root in the official layout (<root>/dev_data/raw/<machine>/...);
+                     default "embedded": the generated dataset in data/embedded (same as --data-root)
+  RUN_DIR            run folder; default a new folder runs/<system>-<date>-<time> (same as --run-dir)
+  BEATS_CHECKPOINT   pre-trained checkpoints the system files use: a local path, a Hugging Face
+  EAT_CHECKPOINT     repo id (e.g. worstchan/EAT-base_epoch30_pretrain) or a URL; the report
+  FISHER_CHECKPOINT  systems refuse to run without theirs, the default system needs none
+  TEAM_LABEL         submission label prefix: Smith_UNI gives Smith_UNI_task2_N (default Repro_Kit)
+  KIT_AUTHORS        YAML file with the submission's authors (written into <label>.meta.yaml)
+  KIT_KERNEL         Jupyter kernel the notebooks run in (same as --kernel; default: the notebooks' own)
+  PYTHON             interpreter run_all.sh uses (default .venv/bin/python, else python3)
+"""
 
 
 def notebook_paths() -> list[Path]:
@@ -41,14 +78,18 @@ def system_names() -> list[str]:
     return sorted(p.stem for p in SYSTEMS.glob("*.yaml"))
 
 
+def _substitute(text: str) -> str:
+    return _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), text)
+
+
 def _expand(value):
     if isinstance(value, str):
-        expanded = _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        expanded = _substitute(value)
         if value != expanded and expanded == "":
             return None  # an unset checkpoint variable means "no checkpoint"
         return expanded
-    if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, dict):  # keys too: submission labels are keys ("${TEAM_LABEL:-Repro_Kit}_task2_1")
+        return {(_substitute(k) if isinstance(k, str) else k): _expand(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_expand(v) for v in value]
     return value
@@ -58,6 +99,11 @@ def load_system(name_or_path: str) -> dict:
     """The system's YAML with environment variables expanded:
     ``{name, description, steps: [{notebook, params}, ...]}`` (a notebook may appear several times,
     e.g. one fine-tuning run per BEATs variant of a fusion system)."""
+    if not NOTEBOOKS.is_dir():
+        raise FileNotFoundError(
+            f"no notebooks folder at {NOTEBOOKS}: the pipeline runs from a checkout of the repository "
+            "(install it with `pip install -e .` from the checkout, not `pip install .`)"
+        )
     path = Path(name_or_path)
     if not path.suffix:
         path = SYSTEMS / f"{name_or_path}.yaml"
@@ -65,7 +111,7 @@ def load_system(name_or_path: str) -> dict:
         raise FileNotFoundError(
             f"unknown system {name_or_path!r}: no {path}; known: {', '.join(system_names())}"
         )
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = yaml.load(path.read_text(), Loader=_Loader) or {}
     steps = spec.get("steps")
     if not isinstance(steps, list) or not steps:
         raise ValueError(f"{path}: expected a 'steps' list of {{notebook: NAME, params: {{...}}}}")
@@ -77,12 +123,183 @@ def load_system(name_or_path: str) -> dict:
     return {"name": path.stem, "description": spec.get("description", ""), "steps": steps}
 
 
-def _parse_override(text: str):
-    key, _, value = text.partition("=")
+def describe_systems() -> str:
+    """One line per system file: its name and description (what ``--list`` prints)."""
+    return "\n".join(f"{name:16s} {load_system(name)['description']}" for name in system_names())
+
+
+def _notebook_key(text: str) -> str:
+    """``2`` -> ``02``; a notebook number or name otherwise as given."""
+    return text.zfill(2) if text.isdigit() else text
+
+
+def _is_notebook(step: dict, key: str) -> bool:
+    return step["notebook"] == key or step["notebook"][:2] == key
+
+
+def _parse_override(text: str) -> tuple[str, list[str], object]:
+    """``02.training.steps=50`` -> (``"02"``, ``["training", "steps"]``, ``50``); the value parses as YAML."""
+    key, equals, value = text.partition("=")
     notebook, _, param = key.partition(".")
-    if not param:
-        raise ValueError(f"--set expects NOTEBOOK.PARAM=VALUE, got {text!r}")
-    return notebook, param, yaml.safe_load(value)
+    path = param.split(".") if param else []
+    if not equals or not notebook or not path or "" in path:
+        raise ValueError(
+            f"--set expects NOTEBOOK.PARAM=VALUE or NOTEBOOK.PARAM.KEY=VALUE (e.g. 02.seed=1, "
+            f"02.training.steps=50), got {text!r}"
+        )
+    try:
+        parsed = yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(f"--set {text!r}: the value {value!r} is not valid YAML ({error})") from error
+    return _notebook_key(notebook), path, parsed
+
+
+def notebook_parameters(notebook: str) -> dict:
+    """The parameters a notebook declares in its ``parameters`` cell: ``{name: default}``, the
+    default being the literal value (``None`` where it is an expression, not a literal)."""
+    path = NOTEBOOKS / f"{notebook}.ipynb"
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{path}: not a readable notebook ({error})") from error
+    sources = ["".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not sources:
+        raise ValueError(f"{path}: no cell tagged 'parameters' (papermill needs one)")
+    defaults = {}
+    for node in ast.parse(sources[0]).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                value = None
+            defaults |= {target.id: value for target in targets if isinstance(target, ast.Name)}
+    return defaults
+
+
+def _set_nested(params: dict, path: list[str], value, where: str) -> None:
+    """Set ``params[path[0]][path[1]]... = value``, creating mappings on the way."""
+    target = params
+    for depth, key in enumerate(path[:-1]):
+        inner = target.get(key)
+        if inner is None:
+            inner = target[key] = {}
+        elif not isinstance(inner, dict):
+            dotted = ".".join(path[: depth + 1])
+            raise ValueError(
+                f"{where}: parameter {dotted} is {inner!r}, not a mapping, so it has no keys to set"
+            )
+        target = inner
+    target[path[-1]] = value
+
+
+def apply_overrides(spec: dict, overrides: list[str]) -> dict:
+    """A copy of the loaded system ``spec`` with the ``--set`` overrides applied to every step of
+    the notebook they name (``02`` or ``02_finetune_beats``)."""
+    spec = copy.deepcopy(spec)
+    for text in overrides:
+        notebook, path, value = _parse_override(text)
+        matching = [step for step in spec["steps"] if _is_notebook(step, notebook)]
+        if not matching:
+            present = ", ".join(dict.fromkeys(step["notebook"] for step in spec["steps"]))
+            raise ValueError(
+                f"--set {text!r}: notebook {notebook!r} is not part of system {spec['name']} (its notebooks: {present})"
+            )
+        for step in matching:
+            declared = notebook_parameters(step["notebook"])
+            param = path[0]
+            if param not in declared and param not in step["params"]:
+                raise ValueError(
+                    f"--set {text!r}: notebook {step['notebook']} has no parameter {param!r} "
+                    f"(its parameters: {', '.join(declared)})"
+                )
+            if len(path) > 1 and param not in step["params"]:
+                # a key inside a mapping the system leaves at the notebook's default: keep the other keys
+                step["params"][param] = copy.deepcopy(declared.get(param))
+            _set_nested(step["params"], path, value, f"--set {text!r} ({step['notebook']})")
+    return spec
+
+
+def plan_system(
+    system: str,
+    data_root: str,
+    run_dir: str | os.PathLike,
+    *,
+    overrides: list[str] = (),
+    only: list[str] | None = None,
+) -> list[dict]:
+    """The steps ``run_system`` would execute, in order: ``{notebook, label, target, params}`` with
+    the final papermill parameters (``data_root``, ``run_dir`` and the overrides included). Raises
+    ValueError for an override or an ``only`` entry that names no notebook of the system."""
+    spec = apply_overrides(load_system(system), list(overrides))
+    run_dir = Path(run_dir).resolve()
+    wanted = [_notebook_key(item.strip()) for item in only or [] if item.strip()]
+    unknown = [key for key in wanted if not any(_is_notebook(step, key) for step in spec["steps"])]
+    if unknown:
+        present = ", ".join(dict.fromkeys(step["notebook"] for step in spec["steps"]))
+        raise ValueError(
+            f"--only {','.join(unknown)}: not a notebook of system {spec['name']} (its notebooks: {present})"
+        )
+    plan = []
+    for step in spec["steps"]:
+        notebook = step["notebook"]
+        if wanted and not any(_is_notebook(step, key) for key in wanted):
+            continue
+        values = {"data_root": str(data_root), "run_dir": str(run_dir), **step["params"]}
+        label = notebook + (f"-{values['name']}" if "name" in values else "")
+        target = run_dir / "notebooks" / f"{label}.ipynb"
+        plan.append({"notebook": notebook, "label": label, "target": target, "params": values})
+    return plan
+
+
+def _finetuned_backbone(notebook: str) -> str | None:
+    """``02_finetune_beats`` -> ``beats``: the backbone a fine-tuning notebook trains (None for others)."""
+    head, _, backbone = notebook.partition("_finetune_")
+    return backbone or None
+
+
+def effective_settings(system: str, overrides: list[str] = ()) -> list[dict]:
+    """What every step of a system runs with: the notebook's parameter defaults with the system file's
+    (and the overrides') values laid over them; for a fine-tuning step also ``training`` and
+    ``extraction`` as the full ``kit.train.TrainConfig`` / ``kit.embed.ExtractConfig`` they become
+    (every field, defaults included). A parameter the notebook does not declare, or a training or
+    extraction setting that does not exist, is an error naming it."""
+    from kit import embed, train
+
+    spec = apply_overrides(load_system(system), list(overrides))
+    steps = []
+    for step in spec["steps"]:
+        notebook, declared = step["notebook"], notebook_parameters(step["notebook"])
+        unknown = sorted(set(step["params"]) - set(declared))
+        if unknown:
+            raise ValueError(
+                f"system {spec['name']}, step {notebook}: unknown parameter(s) {unknown}; "
+                f"the notebook's parameters: {', '.join(declared)}"
+            )
+        params = {**declared, **step["params"]}
+        backbone = _finetuned_backbone(notebook)
+        if backbone:
+            values = {**(params["training"] or {}), "name": params["name"], "backbone": backbone}
+            values["checkpoint"] = params["checkpoint"] or None
+            params["training"] = train.TrainConfig.from_dict(values).to_dict()
+            params["extraction"] = embed.ExtractConfig.from_dict(params["extraction"] or {}).to_dict()
+        steps.append({"notebook": notebook, "params": params})
+    return steps
+
+
+def _execute_notebook(source: Path, target: Path, parameters: dict, kernel: str | None, log_output: bool):
+    """Run one notebook under papermill (the one place that does; tests replace it)."""
+    import papermill as pm
+
+    pm.execute_notebook(
+        str(source),
+        str(target),
+        parameters=parameters,
+        kernel_name=kernel,
+        cwd=str(REPO),
+        log_output=log_output,
+        progress_bar=False,
+    )
 
 
 def run_system(
@@ -95,40 +312,20 @@ def run_system(
     kernel: str | None = None,
     log_output: bool = False,
 ) -> Path:
-    """Execute the system's steps in order; returns the run folder. ``overrides`` (``NB.PARAM=VALUE``)
-    apply to every step of that notebook; ``only`` keeps the steps whose notebook number/name is listed."""
-    import papermill as pm
-
-    spec = load_system(system)
+    """Execute the system's steps in order; returns the run folder. ``overrides``
+    (``NB.PARAM=VALUE`` or ``NB.PARAM.KEY=VALUE``) apply to every step of that notebook; ``only``
+    keeps the steps whose notebook number/name is listed."""
+    name = Path(system).stem
+    plan = plan_system(system, data_root, run_dir, overrides=overrides, only=only)
     run_dir = Path(run_dir).resolve()
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    steps = spec["steps"]
-    for text in overrides:
-        notebook, param, value = _parse_override(text)
-        matching = [s for s in steps if s["notebook"] == notebook or s["notebook"][:2] == notebook]
-        if not matching:
-            raise ValueError(f"--set {text!r}: notebook {notebook!r} is not part of system {spec['name']}")
-        for step in matching:
-            step["params"][param] = value
-    for step in steps:
-        notebook = step["notebook"]
-        if only and notebook[:2] not in only and notebook not in only:
-            continue
-        values = {"data_root": str(data_root), "run_dir": str(run_dir), **step["params"]}
-        suffix = f"-{values['name']}" if "name" in values else ""
-        target = run_dir / "notebooks" / f"{notebook}{suffix}.ipynb"
+    for step in plan:
         start = time.time()
-        print(f"[{spec['name']}] {notebook}{suffix} ...", flush=True)
-        pm.execute_notebook(
-            str(NOTEBOOKS / f"{notebook}.ipynb"),
-            str(target),
-            parameters=values,
-            kernel_name=kernel,
-            cwd=str(REPO),
-            log_output=log_output,
-            progress_bar=False,
+        print(f"[{name}] {step['label']} ...", flush=True)
+        _execute_notebook(
+            NOTEBOOKS / f"{step['notebook']}.ipynb", step["target"], step["params"], kernel, log_output
         )
-        print(f"[{spec['name']}] {notebook}{suffix} done in {time.time() - start:.0f} s", flush=True)
+        print(f"[{name}] {step['label']} done in {time.time() - start:.0f} s", flush=True)
     return run_dir
 
 
@@ -159,8 +356,6 @@ def sweep(
     """Run one notebook for every combination of ``grid``. Each combination gets its own run folder
     ``<run_root>/<param=value,...>`` that starts as a hard-linked mirror of ``run_dir`` (the inputs
     the notebook reads), so the runs never overwrite each other or the original run."""
-    import papermill as pm
-
     path = NOTEBOOKS / f"{notebook}.ipynb"
     if not path.exists():
         raise FileNotFoundError(f"no notebook {path}")
@@ -176,50 +371,131 @@ def sweep(
         (out / "notebooks").mkdir(parents=True, exist_ok=True)
         values = {**(params or {}), **dict(zip(keys, combo)), "run_dir": str(out)}
         print(f"[sweep] {notebook} {tag}", flush=True)
-        pm.execute_notebook(
-            str(path),
-            str(out / "notebooks" / path.name),
-            parameters=values,
-            kernel_name=kernel,
-            cwd=str(REPO),
-            progress_bar=False,
-        )
+        _execute_notebook(path, out / "notebooks" / path.name, values, kernel, log_output=False)
         outputs.append(out)
     return outputs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# --------------------------------------------------------------------------------------------------
+# Command line (./run_all.sh, `dcase-kit run` and `python -m kit.pipeline` are this one parser)
+# --------------------------------------------------------------------------------------------------
+
+
+_EXAMPLES = [
+    ("", "the embedded default"),
+    ("--only 01", "notebook 01 only"),
+    ("audiocc_1 --only 01,02", "two notebooks of a report system"),
+    ("--set 06.fusion_rule=mean", "a parameter of notebook 06"),
+    ("--set 02.training.steps=50", "one key of a mapping parameter"),
+    ("eat_asp_4 --dry-run", "show the plan, run nothing"),
+    ("--list", "the systems"),
+]
+
+
+def _examples(prog: str) -> str:
+    commands = [f"{prog} {args}".rstrip() for args, _ in _EXAMPLES]
+    width = max(map(len, commands)) + 2
+    lines = [f"  {command:{width}s}# {comment}" for command, (_, comment) in zip(commands, _EXAMPLES)]
+    real = f"  DATA_ROOT=data/dcase2026 BEATS_CHECKPOINT=/ckpt/BEATs_iter3_plus_AS2M.pt {prog} audiocc_1"
+    return "\n".join(["examples:", *lines, real]) + "\n"
+
+
+def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the numbered notebooks (01 data preparation ... 06 fusion and submission)\n"
+        "with papermill for one system of notebooks/systems/ (default: the embedded default).",
+        epilog=_examples(prog) + "\n" + ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
-        "system", nargs="?", default="default", help="system name in notebooks/systems/ or a YAML path"
+        "system",
+        nargs="?",
+        default="default",
+        help="system name (see --list) or a YAML path; default: %(default)s",
     )
-    parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "embedded"))
-    parser.add_argument("--run-dir", default=os.environ.get("RUN_DIR"))
-    parser.add_argument("--set", action="append", default=[], metavar="NOTEBOOK.PARAM=VALUE")
-    parser.add_argument("--only", default=None, help="comma-separated notebook numbers or names to run")
-    parser.add_argument("--kernel", default=os.environ.get("KIT_KERNEL"))
+    parser.add_argument(
+        "--data-root",
+        default=os.environ.get("DATA_ROOT") or EMBEDDED,
+        help='dataset root in the official layout, or "embedded" (default: $DATA_ROOT or embedded)',
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=os.environ.get("RUN_DIR") or None,
+        help="run folder (default: $RUN_DIR or a new runs/<system>-<date>-<time>)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NB.PARAM[.KEY]=VALUE",
+        help="override a notebook parameter for every step of notebook NB (e.g. 06.fusion_rule=mean); "
+        "with .KEY, one key inside a mapping parameter (02.training.steps=50); VALUE "
+        "is YAML; repeatable",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="NB[,NB...]",
+        help="run only these notebooks (numbers or names: 01,02)",
+    )
+    parser.add_argument(
+        "--kernel", default=os.environ.get("KIT_KERNEL") or None, help="Jupyter kernel (default: $KIT_KERNEL)"
+    )
     parser.add_argument("--list", action="store_true", help="list the systems and exit")
-    args = parser.parse_args(argv)
-    if args.list:
-        for name in system_names():
-            print(f"{name:16s} {load_system(name)['description']}")
-        return 0
-    run_dir = args.run_dir or str(
-        REPO / "runs" / f"{Path(args.system).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the notebooks and their parameters, run nothing"
     )
+    return parser
+
+
+def default_run_dir(system: str) -> Path:
+    """``runs/<system>-<date>-<time>`` in the repository (named after the system, never an option)."""
+    return REPO / "runs" / f"{Path(system).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _print_plan(plan: list[dict]) -> None:
+    for step in plan:
+        print(f"{step['label']} -> {step['target']}")
+        text = yaml.safe_dump(step["params"], sort_keys=False, default_flow_style=None, width=100)
+        print("".join(f"    {line}\n" for line in text.splitlines()), end="")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog or "python -m kit.pipeline").parse_args(argv)
     try:
-        run_system(
-            args.system,
-            args.data_root,
-            run_dir,
-            overrides=args.set,
-            only=args.only.split(",") if args.only else None,
-            kernel=args.kernel,
-        )
+        if args.list:
+            print(describe_systems())
+            return 0
+        data_root = args.data_root
+        if data_root != EMBEDDED:
+            # notebooks run from the repository root: pass the root as the caller meant it
+            data_root = str(Path(data_root).expanduser().resolve())
+            if not Path(data_root).is_dir():
+                raise FileNotFoundError(
+                    f"data root {args.data_root} ({data_root}) not found (DATA_ROOT / --data-root: a "
+                    'dataset root in the official layout, or "embedded")'
+                )
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.system)
+        only = args.only.split(",") if args.only else None
+        if args.dry_run:
+            _print_plan(plan_system(args.system, data_root, run_dir, overrides=args.set, only=only))
+            return 0
+        from papermill.exceptions import PapermillExecutionError
+
+        try:
+            run_system(args.system, data_root, run_dir, overrides=args.set, only=only, kernel=args.kernel)
+        except PapermillExecutionError as err:
+            print(
+                f"error: a notebook failed ({err.ename}: {err.evalue}); its executed copy shows where: "
+                f"{Path(run_dir).resolve() / 'notebooks'}",
+                file=sys.stderr,
+            )
+            return 1
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run folder: {run_dir}")
+    print(f"run folder: {run_dir.resolve()}")
     return 0
 
 

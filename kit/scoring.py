@@ -10,9 +10,19 @@ the same dataset, machine, section and channel (near and far are never mixed). T
   maximum-likelihood covariance), with ``delta`` from Ledoit-Wolf or fixed.
 
 Target-domain handling (only 10 target training clips per section): one pooled reference set, or
-separate source and target references scored apart with the smaller distance taken; and optional
+separate source and target references scored apart with the smaller distance taken; optional
 SMOTE-style oversampling of the target references (points interpolated between random pairs of
-target clips).
+target clips); and optional distance normalisation (``NORMALISATIONS``), because 10 target clips lie
+further from each other than 100 source clips do, so raw target distances are larger for normal
+clips too:
+
+* ``"domain_mean"`` / ``"domain_zscore"`` (with separate references): each domain's distances are
+  divided by the mean of that domain's leave-one-out training distances (or standardised by their
+  mean and standard deviation) before the smaller is taken, so the two domains compete on one scale;
+* ``"local_density"`` (KNN): the distance to each reference is divided by that reference's own mean
+  distance to its ``density_k`` nearest other references, the K-NN local-density scaling of
+  Wilkinghoff et al. (2025, arXiv 2509.10951): a reference in a sparse region (a target clip) is
+  reached at a larger distance for the same score. It needs no domain labels.
 
 Training clips are scored too (for score normalisation and decision thresholds), leave-one-out: a
 training clip is never its own reference. Every function here works on whole matrices; the only
@@ -31,14 +41,18 @@ import pandas as pd
 import scipy.linalg
 from tqdm.auto import tqdm
 
+from kit import data
 from kit.files import atomic_path
 
 SCORE_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain", "label", "channel", "score"]
 GROUP_COLUMNS = ["dataset", "machine", "section"]
 CLIP_KEY = ["dataset", "machine", "section", "split", "file_name"]
 BACKENDS = ("knn", "mahalanobis")
+NORMALISATIONS = (None, "domain_mean", "domain_zscore", "local_density")
 
-CHANNEL_POLICIES = ("near", "far", "mean", "zmean", "residual")
+# Policies over the microphones; any embedded channel (a canceller such as "w1") is a policy of its own.
+CHANNEL_POLICIES = ("near", "far", "mean", "zmean", "residual", "auto")
+SINGLE_CHANNEL = ("near", "far")
 
 # Rows of the test matrix handled per distance block: bounds memory at CHUNK x R floats.
 _CHUNK_ROWS = 2048
@@ -83,17 +97,22 @@ def _knn_from_unit(
     k: int,
     test_self: np.ndarray | None = None,
     ref_origin: np.ndarray | None = None,
+    ref_scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mean cosine distance to the k nearest references, computed in row chunks.
 
     ``test_self[i]`` (or -1) names the clip test row i is; ``ref_origin[j]`` names the one or two
     clips reference j was made from (a real clip: itself twice; a SMOTE point: its two parents).
-    References made from the test row's own clip are excluded (leave-one-out).
+    References made from the test row's own clip are excluded (leave-one-out). ``ref_scale[j]``
+    (> 0) divides every distance to reference j before the nearest are chosen (local density).
     """
     out = np.empty(len(test_unit), dtype=np.float64)
     for start in range(0, len(test_unit), _CHUNK_ROWS):
         stop = start + _CHUNK_ROWS
         dist = 1.0 - test_unit[start:stop] @ ref_unit.T
+        if ref_scale is not None:
+            # Clip round-off first, so a scaled distance is never negative.
+            dist = np.maximum(dist, 0.0) / ref_scale[None, :]
         if test_self is not None:
             own = test_self[start:stop, None]
             dist[(ref_origin[None, :, 0] == own) | (ref_origin[None, :, 1] == own)] = np.inf
@@ -259,6 +278,8 @@ def score_group(
     shrinkage: str | float = "ledoit_wolf",
     seed: int = 0,
     loo_index=None,
+    normalisation: str | None = None,
+    density_k: int = 1,
 ) -> np.ndarray:
     """Score ``test_emb`` [M, D] against the normal training embeddings ``train_emb`` [R, D] of one group.
 
@@ -272,6 +293,14 @@ def score_group(
       when it is not a reference); that clip, and SMOTE points made from it, are left out of test
       row i's references.
     * ``shrinkage``: the Mahalanobis covariance shrinkage (see ``mahalanobis_distance``).
+    * ``normalisation`` (``NORMALISATIONS``, see the module docstring): None keeps the raw distances.
+      ``"domain_mean"`` divides each reference set's distances by the mean of its members'
+      leave-one-out distances to it (same backend, k and SMOTE points), ``"domain_zscore"``
+      subtracts that mean and divides by the standard deviation; both need ``separate_domains``
+      (with one pooled set they change no ranking). ``"local_density"`` (KNN, no SMOTE) divides the
+      distance to reference j by the mean distance from j to its ``density_k`` nearest other
+      references of the same set; a left-out training clip keeps its place in the other
+      references' densities (a 1/R effect).
 
     Returns [M] float64 scores, larger = more anomalous.
     """
@@ -289,6 +318,7 @@ def score_group(
         raise ValueError(f"smote must be a non-negative integer, got {smote!r}")
     if smote and backend != "knn":
         raise ValueError("smote oversampling applies to the knn backend only")
+    _check_normalisation(normalisation, backend, separate_domains, smote, density_k)
     loo = _check_loo_index(loo_index, len(test_emb), len(train_emb))
 
     if separate_domains:
@@ -309,13 +339,20 @@ def score_group(
     scores = np.full(len(test_emb), np.inf)
     for rows in reference_sets:
         # SMOTE points join whichever reference set holds the target clips.
-        with_smote = smote > 0 and np.isin(target_rows, rows).all()
+        n_smote = smote if smote > 0 and np.isin(target_rows, rows).all() else 0
         if backend == "knn":
-            distance = _knn_reference_set(
-                test_emb, train_emb, rows, target_rows, k, smote if with_smote else 0, seed, loo
-            )
+            density = density_k if normalisation == "local_density" else 0
+            reference = (train_emb, rows, target_rows, k, n_smote, seed)
+            distance = _knn_reference_set(test_emb, *reference, loo, density)
         else:
             distance = _mahalanobis_reference_set(test_emb, train_emb, rows, shrinkage, loo)
+        if normalisation in ("domain_mean", "domain_zscore"):
+            # The set's own clips, each left out of the set: how far a normal clip of this domain lies.
+            if backend == "knn":
+                own = _knn_reference_set(train_emb[rows], *reference, rows)
+            else:
+                own = _mahalanobis_reference_set(train_emb[rows], train_emb, rows, shrinkage, rows)
+            distance = _standardise_by_own(distance, own, normalisation, train_domain[rows[0]])
         scores = np.minimum(scores, distance)
     if not np.isfinite(scores).all():
         raise ValueError(f"k={k} leaves some clips without {k} references once their own clip is left out")
@@ -337,7 +374,47 @@ def _check_loo_index(loo_index, n_test: int, n_train: int) -> np.ndarray | None:
     return loo
 
 
-def _knn_reference_set(test_emb, train_emb, rows, target_rows, k, n_smote, seed, loo) -> np.ndarray:
+def _check_normalisation(normalisation, backend: str, separate_domains: bool, smote: int, density_k) -> None:
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    if normalisation in ("domain_mean", "domain_zscore") and not separate_domains:
+        raise ValueError(
+            f"normalisation={normalisation!r} puts separate source and target references on one scale: "
+            "it needs separate_domains=True (on one pooled set it would change no ranking)"
+        )
+    if normalisation == "local_density":
+        if backend != "knn":
+            raise ValueError("normalisation='local_density' scales KNN distances: it needs backend='knn'")
+        if smote:
+            raise ValueError(
+                "normalisation='local_density' and smote both re-weight the target domain; use one"
+            )
+        if isinstance(density_k, bool) or not isinstance(density_k, (int, np.integer)) or density_k < 1:
+            raise ValueError(f"density_k must be a positive integer, got {density_k!r}")
+
+
+def _standardise_by_own(distance: np.ndarray, own: np.ndarray, normalisation: str, domain: str) -> np.ndarray:
+    """``distance`` on the scale of the reference set's leave-one-out distances ``own``."""
+    mean = float(own.mean())
+    if normalisation == "domain_mean":
+        if not mean > 0:
+            raise DegenerateScoresError(
+                f"the {domain} references all coincide (mean leave-one-out distance {mean}): "
+                "cannot normalise by it"
+            )
+        return distance / mean
+    std = float(own.std())
+    if not std > 0:
+        raise DegenerateScoresError(
+            f"the {domain} references' leave-one-out distances are constant ({len(own)} clips): "
+            "cannot standardise by them (use normalisation='domain_mean')"
+        )
+    return (distance - mean) / std
+
+
+def _knn_reference_set(
+    test_emb, train_emb, rows, target_rows, k, n_smote, seed, loo, density_k: int = 0
+) -> np.ndarray:
     refs = train_emb[rows]
     origin = np.stack([rows, rows], axis=1)
     if n_smote:
@@ -347,7 +424,18 @@ def _knn_reference_set(test_emb, train_emb, rows, target_rows, k, n_smote, seed,
     # A left-out clip loses itself, so the set must hold k others.
     left_out = 1 if loo is not None and np.isin(loo, rows).any() else 0
     _check_k(k, len(rows) + n_smote - left_out, f"reference set of {len(rows)} clips (+{n_smote} SMOTE)")
-    return _knn_from_unit(_unit_rows("test_emb", test_emb), _unit_rows("train_emb", refs), k, loo, origin)
+    ref_unit = _unit_rows("train_emb", refs)
+    scale = None
+    if density_k:
+        _check_k(density_k, len(rows) - 1, f"reference set of {len(rows)} clips (density_k, itself left out)")
+        # Each reference's mean distance to its density_k nearest other references (itself left out).
+        scale = _knn_from_unit(ref_unit, ref_unit, density_k, rows, origin)
+        if not (scale > 0).all():
+            raise DegenerateScoresError(
+                f"{int((scale <= 0).sum())} references have {density_k} identical neighbours "
+                "(collapsed embeddings?): their local density is undefined"
+            )
+    return _knn_from_unit(_unit_rows("test_emb", test_emb), ref_unit, k, loo, origin, scale)
 
 
 def _mahalanobis_reference_set(test_emb, train_emb, rows, shrinkage, loo) -> np.ndarray:
@@ -374,9 +462,9 @@ def _check_meta(meta: pd.DataFrame, emb: np.ndarray) -> None:
         raise ValueError(f"embedding meta lacks columns {missing}; it needs {_META_COLUMNS}")
     if len(meta) != len(emb):
         raise ValueError(f"embedding meta has {len(meta)} rows but the embedding matrix has {len(emb)}")
-    channels = sorted(set(meta["channel"]) - {"near", "far"})
+    channels = sorted(set(meta["channel"]) - set(data.channel_names()))
     if channels:
-        raise ValueError(f"embedding meta channel must be 'near' or 'far', found {channels}")
+        raise ValueError(f"embedding meta channel must be one of {data.channel_names()}, found {channels}")
     duplicated = meta.duplicated(CLIP_KEY + ["channel"])
     if duplicated.any():
         row = meta.loc[duplicated, CLIP_KEY + ["channel"]].iloc[0].tolist()
@@ -456,13 +544,15 @@ def score_embeddings(
     include_train: bool = True,
     shrinkage: str | float = "ledoit_wolf",
     seed: int = 0,
+    normalisation: str | None = None,
+    density_k: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Score every clip of ``(meta, emb)`` per (dataset, machine, section) group.
 
     References are the group's normal training clips of the same channel; training clips are scored
-    leave-one-out. ``backend``, ``k``, ``separate_domains``, ``smote``, ``shrinkage`` and ``seed`` are
-    those of ``score_group``. ``channel_policy`` decides what one clip's score is made of (the output
+    leave-one-out. ``backend``, ``k``, ``separate_domains``, ``smote``, ``shrinkage``, ``seed``,
+    ``normalisation`` and ``density_k`` are those of ``score_group``. ``channel_policy`` decides what one clip's score is made of (the output
     ``channel`` column names the policy):
 
     * ``"near"``: the near-channel embedding against near references (the submitted channel).
@@ -480,13 +570,24 @@ def score_embeddings(
     Returns a scores DataFrame (``SCORE_COLUMNS``), one row per clip, training clips included when
     ``include_train``.
     """
-    if channel_policy not in CHANNEL_POLICIES:
-        raise ValueError(f"channel_policy must be one of {CHANNEL_POLICIES}, got {channel_policy!r}")
+    if channel_policy not in CHANNEL_POLICIES + data.channel_names():
+        raise ValueError(
+            f"channel_policy must be one of {CHANNEL_POLICIES} or an embedded channel "
+            f"({', '.join(data.channel_names())}), got {channel_policy!r}"
+        )
     emb = _as_matrix("emb", emb)
     _check_meta(meta, emb)
     meta = meta.reset_index(drop=True)
+    candidates = ["near"] + [c for c in dict.fromkeys(meta["channel"]) if c not in ("near", "far")]
     options = dict(
-        backend=backend, k=k, separate_domains=separate_domains, smote=smote, shrinkage=shrinkage, seed=seed
+        backend=backend,
+        k=k,
+        separate_domains=separate_domains,
+        smote=smote,
+        shrinkage=shrinkage,
+        seed=seed,
+        normalisation=normalisation,
+        density_k=density_k,
     )
 
     parts = []
@@ -494,12 +595,15 @@ def score_embeddings(
     for _, group in tqdm(
         groups, total=groups.ngroups, desc=f"score {backend}/{channel_policy}", disable=not progress
     ):
-        if channel_policy in ("near", "far"):
-            clips = group[group["channel"] == channel_policy]
+        label = channel_policy
+        if channel_policy not in ("mean", "zmean", "residual"):
+            channel = channel_policy
+            if channel_policy == "auto":
+                channel = choose_channel(group, emb, candidates)
+                label = f"auto:{channel}"
+            clips = group[group["channel"] == channel]
             if clips.empty:
-                raise ValueError(
-                    f"group {group[GROUP_COLUMNS].iloc[0].tolist()} has no {channel_policy} embeddings"
-                )
+                raise ValueError(f"group {group[GROUP_COLUMNS].iloc[0].tolist()} has no {channel} embeddings")
             scores = _score_channel(clips, emb[clips.index.to_numpy()], options, include_train)
         else:
             near_rows, far_rows = _paired_channels(group)
@@ -516,11 +620,67 @@ def score_embeddings(
                 residual = emb[near_rows].astype(np.float32) - emb[far_rows].astype(np.float32)
                 residual = _unit_rows("near - far residual", residual)
                 scores = _score_channel(clips, residual, options, include_train)
-        part = clips[_META_COLUMNS].assign(channel=channel_policy, score=scores)
+        part = clips[_META_COLUMNS].assign(channel=label, score=scores)
         parts.append(part if include_train else part[part["split"] != "train"])
     if not parts:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     return pd.concat(parts, ignore_index=True)[SCORE_COLUMNS]
+
+
+def channel_separability(clips: pd.DataFrame, emb: np.ndarray) -> float:
+    """How well a channel's embeddings of the normal training clips tell their conditions apart:
+    the balanced leave-one-out 1-NN (cosine) accuracy of predicting each clip's attributes + domain
+    from the others. Noise that masks the machine, or a canceller that removes machine sound, blurs
+    these conditions; no test clip and no anomaly label is used."""
+    train = ((clips["split"] == "train") & (clips["label"] == "normal")).to_numpy()
+    labels = (clips["attributes"].astype(str) + "|" + clips["domain"].astype(str)).to_numpy()[train]
+    if len(set(labels)) < 2 or len(labels) < 3:
+        return 0.0
+    unit = _unit_rows("embeddings", emb[train])
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    predicted = labels[similarity.argmax(axis=1)]
+    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
+
+
+def choose_channel(group: pd.DataFrame, emb: np.ndarray, candidates) -> str:
+    """The ``auto`` policy's label-free rule for one (dataset, machine, section) group: among the near
+    channel and the cancellers embedded for it, the one whose normal training clips are most
+    separable by their conditions (``channel_separability``); a tie keeps the earlier (near first)."""
+    best, best_value = "near", -1.0
+    for channel in candidates:
+        clips = group[group["channel"] == channel]
+        if clips.empty:
+            continue
+        value = channel_separability(clips, emb[clips.index.to_numpy()])
+        if value > best_value + 1e-9:
+            best, best_value = channel, value
+    return best
+
+
+def _policy_applies(policy: str, channels: set) -> bool:
+    """Whether a branch embedded on ``channels`` can be scored with ``policy``."""
+    if policy in ("far", "mean", "zmean", "residual"):
+        return "far" in channels
+    if policy == "auto":  # without a canceller, auto would be the near channel again
+        return bool(channels - {"near", "far"})
+    return policy in channels
+
+
+def _for_backend(options: dict, backend: str) -> dict:
+    """Options for one backend: a value given as ``{backend: value}`` is that backend's own (e.g.
+    ``smote={"knn": 100}``, ``normalisation={"knn": "local_density", "mahalanobis": "domain_mean"}``)."""
+    chosen = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(BACKENDS))
+            if unknown:
+                raise ValueError(f"{key}: per-backend values must be keyed by {BACKENDS}, got {unknown}")
+            if backend in value:
+                chosen[key] = value[backend]
+        else:
+            chosen[key] = value
+    return chosen
 
 
 def score_branches(
@@ -531,21 +691,22 @@ def score_branches(
 ) -> dict[str, pd.DataFrame]:
     """Every (branch, backend, channel policy) combination: ``{"<branch>-<backend>-<policy>": scores}``.
 
-    ``embeddings`` maps a branch name to its ``(meta, emb)``; ``options`` go to ``score_embeddings``.
-    Policies that need the far channel are skipped for branches embedded on the near channel only. A
+    ``embeddings`` maps a branch name to its ``(meta, emb)``; ``options`` go to ``score_embeddings``
+    (a value given as ``{backend: value}`` applies to that backend only). Policies over channels a
+    branch has not embedded (far, a canceller) are skipped, and ``auto`` without any canceller. A
     combination whose training scores are degenerate (``DegenerateScoresError``) is left out with a
     warning naming it, so one collapsed branch does not stop the others from being scored."""
     systems = {}
     for branch, (meta, emb) in embeddings.items():
-        has_far = bool((meta["channel"] == "far").any())
+        present = set(meta["channel"])
         for backend in backends:
             for policy in channel_policies:
-                if policy != "near" and not has_far:
+                if not _policy_applies(policy, present):
                     continue
                 name = f"{branch}-{backend}-{policy}"
                 try:
                     systems[name] = score_embeddings(
-                        meta, emb, backend=backend, channel_policy=policy, **options
+                        meta, emb, backend=backend, channel_policy=policy, **_for_backend(options, backend)
                     )
                 except DegenerateScoresError as err:
                     warnings.warn(f"{name} left out: {err}", stacklevel=2)

@@ -49,9 +49,16 @@ DESCRIPTION_FIELDS = (
     "external_data_usage",
     "development_data_usage",
 )
-AUTHOR_FIELDS = ("lastname", "firstname", "email", "corresponding", "affiliation")
+AUTHOR_FIELDS = ("lastname", "firstname", "email", "affiliation")
+AFFILIATION_NAMES = (
+    "institution",
+    "institute",
+)  # the 2026 example says institution, older templates institute
 RESULT_FIELDS = ("auc_source", "auc_target", "pauc")
-OVERALL_RESULT = "overall"
+# Addresses reserved for documentation (RFC 2606): a meta file holding one still has a placeholder.
+PLACEHOLDER_DOMAINS = re.compile(r"@(.+\.)?(example\.(com|org|net)|example|invalid|test|localhost)$", re.I)
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+AUTHORS_VARIABLE = "KIT_AUTHORS"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,26 +128,16 @@ def fit_thresholds(train_scores: pd.DataFrame, method: str = "gamma", level: flo
 
 
 def meta_template() -> dict:
-    """The full nested meta information of one system, with defaults; fill it and pass it on."""
+    """The full nested meta information of one system, with defaults; fill it and pass it on.
+
+    Field names follow the DCASE 2026 Task 2 template as filled by participants (e.g.
+    ``Kim_LUDO_task2_1.meta.yaml``); development results are percentages (64.58, not 0.6458)."""
     return {
         "submission": {
             "label": None,
             "name": None,
             "abbreviation": None,
-            "authors": [
-                {
-                    "lastname": None,
-                    "firstname": None,
-                    "email": None,
-                    "corresponding": True,
-                    "affiliation": {
-                        "abbreviation": None,
-                        "institute": None,
-                        "department": None,
-                        "location": None,
-                    },
-                }
-            ],
+            "authors": [],  # from the user's authors file (load_authors), never a placeholder
         },
         "system": {
             "description": {
@@ -163,9 +160,70 @@ def meta_template() -> dict:
             "external_datasets": [],
             "source_code": None,
         },
-        # {machine: {auc_source, auc_target, pauc}, "overall": {"official_score": ...}}
+        # {machine: {auc_source, auc_target, pauc}} in percent
         "results": {"development_dataset": {}},
     }
+
+
+def author_problems(authors, source: str) -> list[str]:
+    """Every missing or placeholder field of a list of authors (the ``submission.authors`` field)."""
+    if not isinstance(authors, list) or not authors:
+        return [f"{source}: submission.authors must be a non-empty list (see load_authors)"]
+    problems = []
+    for number, author in enumerate(authors):
+        where = f"{source}: submission.authors[{number}]"
+        if not isinstance(author, Mapping):
+            problems.append(f"{where} must be a mapping with {list(AUTHOR_FIELDS)}")
+            continue
+        problems += [f"{where}.{field} is missing" for field in AUTHOR_FIELDS if field not in author]
+        problems += [
+            f"{where}.{field} is empty"
+            for field in ("lastname", "email")
+            if not _is_filled(author.get(field))
+        ]
+        email = author.get("email")
+        if _is_filled(email) and not EMAIL.match(email.strip()):
+            problems.append(f"{where}.email {email!r} is not an e-mail address")
+        elif _is_filled(email) and PLACEHOLDER_DOMAINS.search(email.strip()):
+            problems.append(f"{where}.email {email!r} is a placeholder address (a reserved example domain)")
+        affiliation = author.get("affiliation")
+        if "affiliation" in author and not (
+            isinstance(affiliation, Mapping)
+            and any(_is_filled(affiliation.get(k)) for k in AFFILIATION_NAMES)
+        ):
+            problems.append(f"{where}.affiliation needs an institution")
+    if not any(isinstance(a, Mapping) and a.get("corresponding") is True for a in authors):
+        problems.append(f"{source}: no author is marked corresponding: true")
+    return problems
+
+
+def load_authors(source: str | os.PathLike | None = None) -> list[dict] | None:
+    """The submission's authors from the user's own YAML file: ``source``, else the file named by
+    the ``KIT_AUTHORS`` environment variable; None when neither is given.
+
+    The file holds a list of authors (or ``{authors: [...]}``), each with ``lastname``, ``firstname``,
+    ``email``, ``affiliation: {institution, department, location}`` and ``corresponding: true`` on
+    one; ``authors.example.yaml`` in the repository shows the form. A missing file, malformed YAML or
+    an incomplete or placeholder author is an error naming the file."""
+    source = source or os.environ.get(AUTHORS_VARIABLE) or None
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"authors file {path} not found (from {AUTHORS_VARIABLE} or the authors parameter)"
+        )
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"authors file {path} is not valid YAML: {error}") from error
+    authors = content.get("authors") if isinstance(content, Mapping) else content
+    if isinstance(authors, list) and len(authors) == 1 and isinstance(authors[0], Mapping):
+        authors = [{"corresponding": True, **authors[0]}]  # a single author is the corresponding one
+    problems = author_problems(authors, str(path))
+    if problems:
+        raise ValueError(f"authors file {path} is incomplete:\n" + "\n".join(problems))
+    return [dict(author) for author in authors]
 
 
 def _merge_meta(template: dict, given: Mapping, where: str = "") -> dict:
@@ -184,10 +242,8 @@ def _merge_meta(template: dict, given: Mapping, where: str = "") -> dict:
 
 
 def development_results(table: pd.DataFrame, system: str | None = None) -> dict:
-    """The ``results`` section of meta.yaml from a :func:`kit.metrics.results_table`.
-
-    Per machine: AUC(source), AUC(target) and pAUC; ``overall``: the official score.
-    """
+    """The ``results`` section of meta.yaml from a :func:`kit.metrics.results_table`: per machine,
+    AUC(source), AUC(target) and pAUC in percent with two decimals, as the 2026 template has them."""
     if system is None:
         systems = table["system"].unique()
         if len(systems) != 1:
@@ -198,11 +254,9 @@ def development_results(table: pd.DataFrame, system: str | None = None) -> dict:
         raise ValueError(f"system {system!r} is not in the table (it has {list(table['system'].unique())})")
     machines = rows[rows["level"] == "machine"]
     results = {
-        row.machine: {field: float(getattr(row, field)) for field in RESULT_FIELDS}
+        row.machine: {field: round(100.0 * float(getattr(row, field)), 2) for field in RESULT_FIELDS}
         for row in machines.itertuples(index=False)
     }
-    overall = rows.loc[rows["level"] == "overall", "hmean"]
-    results[OVERALL_RESULT] = {"official_score": float(overall.iloc[0])}
     return {"development_dataset": results}
 
 
@@ -239,23 +293,7 @@ def _meta_problems(meta, label: str, source: str) -> list[str]:
                 f"{source}: submission.abbreviation {abbreviation!r} has more than "
                 f"{MAX_ABBREVIATION} characters"
             )
-        authors = submission.get("authors")
-        if not isinstance(authors, list) or not authors:
-            problems.append(f"{source}: submission.authors must be a non-empty list")
-        else:
-            for number, author in enumerate(authors):
-                where = f"{source}: submission.authors[{number}]"
-                if not isinstance(author, Mapping):
-                    problems.append(f"{where} must be a mapping with {list(AUTHOR_FIELDS)}")
-                    continue
-                problems += [f"{where}.{field} is missing" for field in AUTHOR_FIELDS if field not in author]
-                problems += [
-                    f"{where}.{field} is empty"
-                    for field in ("lastname", "email")
-                    if not _is_filled(author.get(field))
-                ]
-            if not any(isinstance(a, Mapping) and a.get("corresponding") is True for a in authors):
-                problems.append(f"{source}: no author is marked corresponding: true")
+        problems += author_problems(submission.get("authors"), source)
 
     if "system" in meta:
         description = system.get("description")
@@ -267,6 +305,12 @@ def _meta_problems(meta, label: str, source: str) -> list[str]:
                 for field in DESCRIPTION_FIELDS
                 if field not in description
             ]
+            count = description.get("ensemble_method_subsystem_count")
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+                problems.append(
+                    f"{source}: system.description.ensemble_method_subsystem_count must be a whole number "
+                    f">= 1 (the number of fused subsystems), got {count!r}"
+                )
         complexity = system.get("complexity")
         if not isinstance(complexity, Mapping) or "total_parameters" not in complexity:
             problems.append(f"{source}: missing field system.complexity.total_parameters")
@@ -285,23 +329,27 @@ def _meta_problems(meta, label: str, source: str) -> list[str]:
 
     if "results" in meta:
         development = results.get("development_dataset")
-        machines = (
-            {k: v for k, v in (development or {}).items() if k != OVERALL_RESULT}
-            if isinstance(development, Mapping)
-            else {}
-        )
+        machines = development if isinstance(development, Mapping) else {}
         if not machines:
             problems.append(
                 f"{source}: results.development_dataset needs per-machine auc_source, auc_target and pauc"
             )
+        values_seen = []
         for machine, values in machines.items():
             for field in RESULT_FIELDS:
                 value = values.get(field) if isinstance(values, Mapping) else None
-                if not _is_number(value) or not 0.0 <= value <= 1.0:
+                if not _is_number(value) or not 0.0 <= value <= 100.0:
                     problems.append(
-                        f"{source}: results.development_dataset.{machine}.{field} must be a number "
-                        f"in [0, 1], got {value!r}"
+                        f"{source}: results.development_dataset.{machine}.{field} must be a percentage "
+                        f"in [0, 100], got {value!r}"
                     )
+                else:
+                    values_seen.append(value)
+        if values_seen and max(values_seen) <= 1.0:
+            problems.append(
+                f"{source}: results.development_dataset values are all <= 1: they look like fractions, "
+                "the template wants percentages (64.58, not 0.6458)"
+            )
     return problems
 
 
@@ -406,17 +454,75 @@ def write_system(
     target = Path(out_dir) / label
     with atomic_path(target) as folder:
         folder.mkdir()
-        for (machine, section), group in frame.sort_values("file_name").groupby(["machine", "section"]):
-            names = group["file_name"].tolist()
-            values = group["score"].to_numpy(dtype=float)
-            decisions = decide(values, normalised_thresholds[(machine, section)])
-            (folder / score_csv_name(machine, section)).write_bytes(_csv_bytes(names, values.tolist()))
-            (folder / decision_csv_name(machine, section)).write_bytes(_csv_bytes(names, decisions.tolist()))
+        _write_result_csvs(folder, frame, normalised_thresholds)
         _write_meta(folder / f"{label}.meta.yaml", full_meta)
         problems = _system_problems(label, _read_folder(folder), label, expected_files=None)
         if problems:
             raise ValueError(f"the written system {label} does not validate:\n" + "\n".join(problems))
     return target
+
+
+def _write_result_csvs(
+    folder: Path, frame: pd.DataFrame, thresholds: Mapping[tuple[str, str], float]
+) -> None:
+    """The two official CSVs of every (machine, section) of a checked score frame, in file-name order."""
+    for (machine, section), group in frame.sort_values("file_name").groupby(["machine", "section"]):
+        names = group["file_name"].tolist()
+        values = group["score"].to_numpy(dtype=float)
+        decisions = decide(values, thresholds[(machine, section)])
+        (folder / score_csv_name(machine, section)).write_bytes(_csv_bytes(names, values.tolist()))
+        (folder / decision_csv_name(machine, section)).write_bytes(_csv_bytes(names, decisions.tolist()))
+
+
+def write_development_files(
+    out_dir: str | os.PathLike,
+    systems: Mapping[str, pd.DataFrame],
+    *,
+    threshold: str = "gamma",
+    level: float = 0.9,
+) -> dict[str, Path]:
+    """Every system's development test scores and decisions in the official format, one folder per
+    system (``out_dir/<system>/anomaly_score_<machine>_section_<XX>_test.csv``, ``decision_result_...``,
+    no header), so the organisers' evaluator and ``python -m kit.metrics out_dir`` can score them.
+    Decisions use thresholds fitted on the development machines' normal training clips, as for the
+    submission. Each folder is written atomically; returns ``{system: folder}``."""
+    written = {}
+    for name, scores in systems.items():
+        development = scores[scores["dataset"] == "dev"]
+        test, train = (
+            development[development["split"] == "test"],
+            development[development["split"] == "train"],
+        )
+        if test.empty:
+            raise ValueError(f"system {name!r} has no development test scores (dataset 'dev', split 'test')")
+        if train.empty:
+            raise ValueError(
+                f"system {name!r} has no scores of development training clips to fit thresholds on"
+            )
+        frame = _checked_scores(test)
+        thresholds = fit_thresholds(train[train["label"] == "normal"], threshold, level)
+        with atomic_path(Path(out_dir) / name) as folder:
+            folder.mkdir()
+            _write_result_csvs(folder, frame, thresholds)
+        written[name] = Path(out_dir) / name
+    return written
+
+
+def system_meta(
+    description: Mapping,
+    *,
+    authors: list[dict],
+    subsystems: int,
+    parameters: int | None,
+) -> dict:
+    """The meta fields of one system laid over :func:`meta_template`: ``description`` (the system
+    file's ``submission``/``system`` fields), the authors, the number of fused subsystems and the total
+    parameter count of the models it uses. The results are filled by :func:`submit_system`."""
+    meta = _merge_meta(meta_template(), description)
+    meta["submission"]["authors"] = copy.deepcopy(authors)
+    meta["system"]["description"]["ensemble_method_subsystem_count"] = int(subsystems)
+    meta["system"]["complexity"]["total_parameters"] = None if parameters is None else int(parameters)
+    return meta
 
 
 def submit_system(
@@ -448,6 +554,68 @@ def submit_system(
     full_meta = _merge_meta(meta_template(), meta)
     full_meta["results"] = development_results(results, system)
     return write_system(out_dir, label, test, fit_thresholds(train, threshold, level), full_meta)
+
+
+def evaluation_test_files(index: pd.DataFrame) -> dict[str, list[str]]:
+    """``{machine: [evaluation test file names]}`` of an index (empty before the evaluation set is out)."""
+    test = index[(index["dataset"] == "eval") & (index["split"] == "test")]
+    return {machine: sorted(group["file_name"]) for machine, group in test.groupby("machine")}
+
+
+def submit_run(
+    out_dir: str | os.PathLike,
+    systems: Mapping[str, pd.DataFrame],
+    results: pd.DataFrame,
+    submit: Mapping[str, str],
+    *,
+    index: pd.DataFrame,
+    descriptions: Mapping,
+    authors: list[dict] | None,
+    resources: Mapping[str, tuple[int, int | None]],
+    zip_path: str | os.PathLike,
+    threshold: str = "gamma",
+    level: float = 0.9,
+) -> dict:
+    """Package a run's submission: one system folder per ``label -> system`` of ``submit`` and the zip,
+    validated against the evaluation test clips of ``index``. ``descriptions`` holds the system file's
+    meta fields (``submission.name``, ``system.description...``), shared, or per label
+    (``{label: {...}}``); ``resources[system]`` is ``(subsystems, total parameters)``.
+
+    Returns what was done, for the run manifest: ``{"zip": path, "systems": {...}}``, or
+    ``{"skipped": reason}`` when the dataset has no evaluation test clips yet or no authors are given
+    (nothing is written then)."""
+    expected = evaluation_test_files(index)
+    if not expected:
+        return {
+            "skipped": "the dataset has no evaluation test clips (eval_data/raw/<machine>/test): "
+            "development results only; the submission is packaged once the evaluation set is there"
+        }
+    if not authors:
+        return {
+            "skipped": f"no authors: write an authors file (see authors.example.yaml) and set "
+            f"{AUTHORS_VARIABLE}=path/to/authors.yaml, then run notebook 06 again (./run_all.sh SYSTEM --only 06)"
+        }
+    missing = sorted(set(submit.values()) - set(systems))
+    if missing:
+        raise KeyError(f"cannot submit {missing}: no such scored system; scored systems: {sorted(systems)}")
+    if len(submit) > MAX_SYSTEMS:
+        raise ValueError(f"{len(submit)} systems to submit; at most {MAX_SYSTEMS} per team")
+    # Built aside and moved into place whole: no system folder of an earlier packaging with other
+    # labels can slip into the zip, and a failure leaves the previous submission as it was.
+    with atomic_path(out_dir) as folder:
+        folder.mkdir()
+        for label, system in submit.items():
+            description = descriptions.get(label, descriptions)
+            subsystems, parameters = resources[system]
+            meta = system_meta(description, authors=authors, subsystems=subsystems, parameters=parameters)
+            submit_system(
+                folder, label, systems[system], results, system, meta, threshold=threshold, level=level
+            )
+        problems = validate(folder, expected_files=expected)
+        if problems:
+            raise ValueError("the submission does not validate:\n" + "\n".join(problems))
+        zipped = make_zip(folder, zip_path)
+    return {"zip": str(Path(zipped).absolute()), "systems": dict(submit)}
 
 
 def _write_meta(path: Path, meta: dict) -> None:

@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from kit import backbones, data, heads, losses
+from kit import backbones, data, heads, losses, precision
 from kit.augment import SpecAugment, mixup, noise_mix
 from kit.files import atomic_path, write_text_atomic
 from kit.lora import add_lora, save_adapters
@@ -51,58 +53,108 @@ MODES = ("full", "partial", "lora", "frozen")
 
 @dataclass
 class TrainConfig:
-    """Every knob of a fine-tuning run (papermill parameters map onto these names)."""
+    """Every setting of a fine-tuning run: notebooks 02-04 pass their ``train`` mapping through
+    ``from_dict``, so every field can be set from a system file or ``--set 02.train.FIELD=VALUE``.
+
+    The defaults are the one set of defaults of the toolkit: the embedded CPU run (small random-init
+    backbones, 300 steps of 5-s crops). The report systems in ``notebooks/systems/`` set their own
+    values for everything that differs."""
 
     name: str = "beats"
     backbone: str = "beats"
     checkpoint: str | None = None  # local path, HF repo id or URL; None = random-init `backbone_config`
     backbone_config: str | None = None
     backbone_options: dict = field(default_factory=dict)
-    mode: str = "full"
-    train_last_n: int = 2
+    mode: str = "full"  # full | partial | lora | frozen
+    train_last_n: int = 2  # blocks trained in partial mode
     lora_rank: int = 64
-    lora_alpha: float | None = None
+    lora_alpha: float | None = None  # None: alpha = rank (scale 1)
     lora_dropout: float = 0.0
-    head: str = "asp"
+    head: str = "asp"  # asp | mean | cls
     embed_dim: int = 128
-    loss: str = "arcface"
+    loss: str = "arcface"  # arcface | subcenter | adacos
     loss_s: float = 30.0
-    loss_m: float = 0.5
+    loss_m: float = 0.3
     subcenters: int = 3
-    label_scheme: str = "composite"
-    channels: tuple[str, ...] = ("near", "far")
+    label_scheme: str = "attribute"  # section | attribute | composite (+ domain + near/far channel)
+    channels: tuple[str, ...] = ("near", "far")  # one item per (clip, channel); cancellers too (w1, ss, ...)
+    front_end_settings: dict = field(default_factory=dict)  # canceller name -> its settings (kit.denoise)
     train_datasets: tuple[str, ...] = ("dev", "eval")
     length_mode: str = "random_crop"  # or "pad_or_cut" (the EAT-ASP seed pads to 16 s)
-    crop_seconds: float = 4.0
-    steps: int = 200
+    crop_seconds: float = 5.0
+    mask_padding: bool = True  # False: zero padding is input the model sees (EAT-ASP's 16-s padding)
+    steps: int = 300
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-4
-    head_lr: float | None = None  # default: 10x lr for the freshly initialised head and loss
+    lr: float = 1e-3
+    head_lr_scale: float = 10.0  # lr of the freshly initialised head and loss = lr * head_lr_scale
     weight_decay: float = 0.01
-    warmup_steps: int = 20
+    warmup_steps: int = 30
     spec_augment: bool = True
     mixup_alpha: float = 0.0
     noise_mix_prob: float = 0.0
     noise_mix_snr: tuple[float, float] = (5.0, 20.0)
     balance_machines: bool = True
-    gradient_checkpointing: bool = False
-    amp: bool = True
+    gradient_checkpointing: bool | None = (
+        None  # None: kit.precision's rule (release size, long crops, < 24 GB GPU)
+    )
+    precision: str = (
+        "auto"  # auto | bf16 | fp16 | fp32 (kit.precision: bf16 on 8.0+ GPUs, fp16 + scaler on 7.x)
+    )
     seed: int = 0
-    checkpoint_every: int = 50
-    num_workers: int = 0
+    checkpoint_minutes: float = (
+        10.0  # a full checkpoint (weights + optimiser) at most this often, and at the end
+    )
+    checkpoint_every: int | None = None  # also every this many steps (tests; None: by time only)
+    keep_checkpoint: bool = False  # keep checkpoints/last.pt once model.pt is written (to extend the run)
+    num_workers: int | None = None  # loader processes; None: one per core but one, at most 8
+    pin_memory: bool | None = None  # None: on when training on a GPU
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
     device: str | None = None
+    allow_cpu: bool = False  # train a release-size backbone on a CPU anyway (days, not hours)
+
+    # Settings that change how a run is executed, not what it computes: a run resumes across them.
+    EXECUTION_FIELDS = (
+        "checkpoint_minutes",
+        "checkpoint_every",
+        "keep_checkpoint",
+        "num_workers",
+        "pin_memory",
+        "persistent_workers",
+        "prefetch_factor",
+        "device",
+        "allow_cpu",
+    )
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def differences(self, other: dict) -> list[str]:
+        """The settings (other than ``EXECUTION_FIELDS``) whose values differ from a saved config."""
+        mine = self.to_dict()
+        keys = sorted((set(mine) | set(other)) - set(self.EXECUTION_FIELDS))
+        return [key for key in keys if mine.get(key) != other.get(key)]
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """A validated config from a mapping of field -> value; an unknown field is an error that
+        lists the valid ones (a typo in a system file must not be ignored)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"training settings must be a mapping of TrainConfig fields, got {values!r}")
+        unknown = sorted(set(values) - set(cls.fields()) - {"amp"})
         if unknown:
-            raise ValueError(f"unknown training parameter(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown training setting(s) {unknown}; valid settings: {sorted(cls.fields())}")
         values = dict(values)
         for key in ("channels", "train_datasets", "noise_mix_snr"):
             if key in values and values[key] is not None:
-                values[key] = tuple(values[key])
+                values[key] = (values[key],) if isinstance(values[key], str) else tuple(values[key])
+        if values.get("backbone_options") is None:
+            values.pop("backbone_options", None)
+        for legacy, current in (("amp", "precision"),):  # configs saved by earlier versions
+            if legacy in values and current not in values:
+                values[current] = "auto" if values.pop(legacy) else "fp32"
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -110,17 +162,70 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown fine-tuning mode {self.mode!r}: expected one of {MODES}")
-        bad = [c for c in self.channels if c not in ("near", "far")]
+        bad = [c for c in self.channels if c not in data.channel_names()]
         if bad or not self.channels:
-            raise ValueError(f"channels must be a non-empty subset of ('near', 'far'), got {self.channels}")
+            raise ValueError(
+                f"channels must be a non-empty list of {data.channel_names()}, got {self.channels}"
+            )
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ValueError("steps, batch_size and grad_accum must be positive")
+        if self.label_scheme not in data.LABEL_SCHEMES:
+            raise ValueError(
+                f"unknown label scheme {self.label_scheme!r}: expected one of {sorted(data.LABEL_SCHEMES)}"
+            )
+        if self.length_mode not in data.LENGTH_MODES:
+            raise ValueError(f"unknown length mode {self.length_mode!r}: expected one of {data.LENGTH_MODES}")
+        for name in ("lr", "head_lr_scale", "crop_seconds", "checkpoint_minutes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.precision not in precision.PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: expected one of {precision.PRECISIONS}")
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise ValueError(f"num_workers must be None (from the cores) or >= 0, got {self.num_workers!r}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         for key in ("channels", "train_datasets", "noise_mix_snr"):
             out[key] = list(out[key])
         return out
+
+
+def stereo_index(index: pd.DataFrame) -> bool:
+    """Whether every clip of the index has a far channel (2026 stereo), or some are mono."""
+    return bool((index["channels"] >= 2).all())
+
+
+def resolve_config(
+    training: dict,
+    *,
+    index: pd.DataFrame,
+    name: str,
+    backbone: str,
+    checkpoint: str | None = None,
+    require_checkpoint: bool = False,
+) -> TrainConfig:
+    """The effective TrainConfig of a fine-tuning notebook: its ``training`` mapping (any TrainConfig
+    field) over the defaults, with the notebook's name, backbone and checkpoint. On a mono dataset the
+    training channels default to the near channel alone (asking for ``far`` there stays an error)."""
+    if not isinstance(training, dict):
+        raise ValueError(f"training must be a mapping of TrainConfig fields, got {training!r}")
+    fixed = sorted({"name", "backbone", "checkpoint"} & set(training))
+    if fixed:
+        raise ValueError(f"{fixed} are parameters of the notebook itself, not of its training mapping")
+    if require_checkpoint and not checkpoint:
+        raise ValueError(
+            f"{name}: this system needs a pretrained {backbone} checkpoint: set {backbone.upper()}_CHECKPOINT "
+            "(a local path, a Hugging Face repo id or a URL) or the notebook's `checkpoint` parameter"
+        )
+    values = {**training, "name": name, "backbone": backbone, "checkpoint": checkpoint or None}
+    if "channels" not in training and not stereo_index(index):
+        values["channels"] = ("near",)
+    return TrainConfig.from_dict(values)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Every parameter of the module, trainable or frozen (the meta file's total_parameters)."""
+    return int(sum(p.numel() for p in module.parameters()))
 
 
 class Embedder(nn.Module):
@@ -155,7 +260,7 @@ def build_embedder(cfg: TrainConfig) -> Embedder:
             for block in backbone.blocks[-cfg.train_last_n :]:
                 for p in block.parameters():
                     p.requires_grad = True
-    backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    backbone.set_gradient_checkpointing(bool(cfg.gradient_checkpointing))
     return Embedder(backbone, head)
 
 
@@ -165,41 +270,66 @@ def build_embedder(cfg: TrainConfig) -> Embedder:
 
 class TrainItems(Dataset):
     """Training examples for the proxy task. A sampler yields ``(item, seed)`` pairs, and the crop
-    (and the noise clip, when noise mixing is on) of that item is drawn from ``seed``."""
+    (and the noise clip, when noise mixing is on) of that item is drawn from ``seed``.
+
+    An item is ``(wave, valid, noise, noise_valid, label)``: ``valid`` counts the samples of ``wave``
+    that are audio (a clip shorter than the crop is zero-padded after them), so the backbone masks
+    the padding; with ``mask_padding=False`` the padding counts as input (the EAT-ASP recipe)."""
 
     def __init__(
-        self, items: pd.DataFrame, labels: np.ndarray, length: data.LengthPolicy, noise_paths: list[str]
+        self,
+        items: pd.DataFrame,
+        labels: np.ndarray,
+        length: data.LengthPolicy,
+        noise_paths: list[str],
+        mask_padding: bool = True,
+        front_end_settings: dict | None = None,
     ):
+        self.front_end_settings = front_end_settings or {}
         self.paths = items["path"].tolist()
         self.channels = items["channel"].tolist()
         self.labels = labels
         self.length = length
         self.noise_paths = noise_paths
+        self.mask_padding = mask_padding
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _crop(self, path: str, channel: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        wave, valid = data.read_clip(
+            path, channel, self.length, rng, front_end_settings=self.front_end_settings
+        )
+        return wave, (valid if self.mask_padding else wave.shape[-1])
+
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         rng = np.random.default_rng(seed)
-        wave = self.length.apply(data.load_audio(self.paths[index], channel=self.channels[index]), rng)
-        noise = np.zeros(0, dtype=np.float32)
+        wave, valid = self._crop(self.paths[index], self.channels[index], rng)
+        noise, noise_valid = np.zeros(0, dtype=np.float32), 0
         if self.noise_paths:
             source = self.noise_paths[int(rng.integers(len(self.noise_paths)))]
-            noise = self.length.apply(data.load_audio(source, channel="far"), rng)
-        return wave, noise, int(self.labels[index])
+            noise, noise_valid = self._crop(source, "far", rng)
+        return wave, valid, noise, noise_valid, int(self.labels[index])
+
+
+def _pad_waves(waves, min_length: int = 0) -> torch.Tensor:
+    """Stack 1-D waves into ``[B, T]``, zero-padded at the end to the longest (at least ``min_length``)."""
+    out = torch.zeros(len(waves), max([min_length] + [len(w) for w in waves]))
+    for row, wave in zip(out, waves):
+        row[: len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+    return out
 
 
 def _collate(batch):
-    waves, noises, labels = zip(*batch)
-    lengths = torch.tensor([len(w) for w in waves])
-    noise_lengths = torch.tensor([len(n) for n in noises])
-    out = torch.zeros(len(waves), int(lengths.max()))
-    noise_out = torch.zeros(len(waves), max(1, int(noise_lengths.max())))
-    for i, (w, n) in enumerate(zip(waves, noises)):
-        out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-        noise_out[i, : len(n)] = torch.from_numpy(np.asarray(n, dtype=np.float32))
-    return out, lengths, noise_out, noise_lengths, torch.tensor(labels)
+    waves, valid, noises, noise_valid, labels = zip(*batch)
+    return (
+        _pad_waves(waves),
+        torch.tensor(valid),
+        _pad_waves(noises, min_length=1),
+        torch.tensor(noise_valid),
+        torch.tensor(labels),
+    )
 
 
 def _step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
@@ -253,9 +383,13 @@ def training_items(index: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
     rows = index[(index["split"] == "train") & index["dataset"].isin(cfg.train_datasets)]
     if rows.empty:
         raise ValueError(f"no training clips in datasets {cfg.train_datasets} of the index")
-    if "far" in cfg.channels and (rows["channels"] < 2).any():
+    stereo_channels = [c for c in cfg.channels if data.needs_stereo(c)]
+    if stereo_channels and (rows["channels"] < 2).any():
         mono = rows.loc[rows["channels"] < 2, "path"].iloc[0]
-        raise ValueError(f"channel 'far' requested but {mono} is mono; use channels=('near',) for mono data")
+        raise ValueError(
+            f"channel {stereo_channels[0]!r} needs the far microphone but {mono} is mono; "
+            "use channels=('near',) for mono data"
+        )
     parts = [rows.assign(channel=c) for c in cfg.channels]
     return pd.concat(parts, ignore_index=True)
 
@@ -318,17 +452,66 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], sour
             own[name].copy_(value)
 
 
-def _dist_info() -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class _Place:
+    """Where this process trains: the world size, its rank and its device."""
+
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _place(cfg: TrainConfig) -> _Place:
+    """Read ``torchrun``'s environment, pick the device and join the process group when distributed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device:
-        return torch.device(cfg.device)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return _Place(world, rank, device)
+
+
+def file_fingerprint(path: str | os.PathLike | None) -> str | None:
+    """SHA-1 of a local checkpoint file (or of a folder's files), so a resumed run recognises the same
+    checkpoint moved elsewhere; None for a remote spec (a repo id or URL names its content)."""
+    if path is None or not Path(path).expanduser().exists():
+        return None
+    path = Path(path).expanduser()
+    digest = hashlib.sha1()
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 23), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _refuse_other_settings(cfg: TrainConfig, saved: dict, source: Path) -> None:
+    """A checkpoint or model of this run folder must come from the same settings (execution settings
+    such as the worker count may differ; a moved pretrained checkpoint with the same content too)."""
+    differing = cfg.differences(saved["config"])
+    if differing == ["checkpoint"] and saved.get("checkpoint_sha1") is not None:
+        if file_fingerprint(cfg.checkpoint) == saved["checkpoint_sha1"]:
+            differing = []
+    if differing:
+        changes = ", ".join(
+            f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k, None)!r}" for k in differing
+        )
+        raise ValueError(
+            f"{source} was written with other training settings ({changes}); use another name (or run_dir) "
+            "for the new settings, or delete that folder to start again"
+        )
 
 
 def train(
@@ -341,141 +524,256 @@ def train(
 ) -> Path:
     """Run (or resume) fine-tuning; returns the output folder ``<run_dir>/<cfg.name>``.
 
+    A finished run (``model.pt`` of the same settings) is not trained again. An interrupted one
+    resumes from ``checkpoints/last.pt`` and ends with the same weights as an uninterrupted run.
     ``stop_after`` ends the run after that many steps of this call (checkpoint written), as an
-    interruption would: the next call resumes from it. Used by tests and for time-boxed sessions.
+    interruption would. Used by tests and for time-boxed sessions.
     """
     cfg.validate()
-    world, rank, local_rank = _dist_info()
-    distributed = world > 1
-    device = _device(cfg, local_rank)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     out = Path(run_dir) / cfg.name
     ckpt_path = out / "checkpoints" / "last.pt"
+    if (out / "model.pt").exists() and not ckpt_path.exists():
+        _refuse_other_settings(cfg, _read_model(out / "model.pt"), out / "model.pt")
+        return out  # already trained with these settings
+    place = _place(cfg)
+    prec = precision.resolve(cfg.precision, place.device)
 
+    # --- the model, the proxy task and the optimiser
     torch.manual_seed(cfg.seed)  # same initial head/loss weights on every rank
     random.seed(cfg.seed)
     items = training_items(index, cfg)
     codes, classes = data.make_labels(items, cfg.label_scheme)
     embedder = build_embedder(cfg)
+    checkpointing = precision.use_gradient_checkpointing(
+        cfg.gradient_checkpointing,
+        prec.facts,
+        parameters=count_parameters(embedder.backbone),
+        crop_seconds=cfg.crop_seconds,
+    )
+    embedder.backbone.set_gradient_checkpointing(checkpointing)
+    _refuse_release_size_on_cpu(embedder, cfg, place)
     loss = losses.make_loss(cfg.loss, cfg.embed_dim, len(classes), **_loss_kwargs(cfg))
-    task = ProxyTask(embedder, loss).to(device)
+    task = ProxyTask(embedder, loss).to(place.device)
+    optimizer, scheduler, trained = _optimiser(task, cfg)
+    checkpoint_sha1 = file_fingerprint(cfg.checkpoint)
 
-    backbone_params = [p for p in embedder.backbone.parameters() if p.requires_grad]
-    other_params = [p for p in list(embedder.head.parameters()) + list(loss.parameters()) if p.requires_grad]
-    groups = [{"params": other_params, "lr": cfg.head_lr or cfg.lr * 10}]
+    # --- resume
+    start, history = 0, []
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _refuse_other_settings(cfg, state, ckpt_path)
+        load_trainable_state(task, state["model"], str(ckpt_path))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        prec.load_state_dict(state.get("precision", {}))
+        start, history = state["step"], state["history"]
+    if place.rank == 0:
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(out / "classes.txt", "\n".join(classes) + "\n")
+        if progress and start == 0:
+            print(f"{cfg.name}: {prec.describe()}; gradient checkpointing {'on' if checkpointing else 'off'}")
+
+    # --- data and the distributed wrapper
+    model = task
+    if place.distributed:  # layerdrop (BEATs) skips blocks at random: unused parameters are normal
+        ids = [place.device.index] if place.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=True)
+    noise_paths = _noise_sources(items, cfg)
+    batches = iter(_loader(items, codes, noise_paths, cfg, place, start))
+    spec = SpecAugment() if cfg.spec_augment else None
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+
+    # --- the loop
+    task.train()
+    bar = tqdm(total=end - start, desc=f"train {cfg.name}", disable=not progress or place.rank != 0)
+    last_save = time.monotonic()
+    for step in range(start, end):
+        began = time.perf_counter()
+        step_loss, step_acc = _train_step(
+            model,
+            embedder,
+            batches,
+            step,
+            cfg,
+            place,
+            prec,
+            optimizer,
+            trained,
+            spec,
+            bool(noise_paths),
+            history,
+        )
+        scheduler.step()
+        history.append(
+            {
+                "step": step + 1,
+                "loss": step_loss,
+                "accuracy": step_acc,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - began,
+            }
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{step_acc:.2f}")
+        due = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == end
+        if place.rank == 0 and (due or time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes):
+            _save_checkpoint(
+                ckpt_path, task, optimizer, scheduler, prec, step + 1, history, cfg, checkpoint_sha1
+            )
+            last_save = time.monotonic()
+    bar.close()
+    task.eval()
+
+    if place.rank == 0 and end == cfg.steps:
+        _export(out, embedder, history, cfg, checkpoint_sha1)
+        if not cfg.keep_checkpoint:
+            ckpt_path.unlink(missing_ok=True)  # model.pt holds what extraction needs; the moments go
+    if place.distributed:
+        dist.barrier()
+    return out
+
+
+def _refuse_release_size_on_cpu(embedder: Embedder, cfg: TrainConfig, place: _Place) -> None:
+    size = count_parameters(embedder.backbone)
+    if place.device.type == "cpu" and size >= precision.RELEASE_SIZE_PARAMETERS and not cfg.allow_cpu:
+        raise RuntimeError(
+            f"{cfg.name}: training a {size / 1e6:.0f} M-parameter backbone on a CPU takes days; use a GPU "
+            "(on Colab: Runtime > Change runtime type > T4 GPU), or set the training setting allow_cpu: true"
+        )
+
+
+def _optimiser(task: ProxyTask, cfg: TrainConfig):
+    """AdamW over the trainable weights (the fresh head and loss at ``lr * head_lr_scale``), with
+    linear warm-up and cosine decay; also the flat list of trained parameters (for clipping)."""
+    backbone_params = [p for p in task.embedder.backbone.parameters() if p.requires_grad]
+    other_params = [
+        p for p in list(task.embedder.head.parameters()) + list(task.loss.parameters()) if p.requires_grad
+    ]
+    groups = [{"params": other_params, "lr": cfg.lr * cfg.head_lr_scale}]
     if backbone_params:
         groups.insert(0, {"params": backbone_params, "lr": cfg.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
+    return optimizer, scheduler, backbone_params + other_params
 
-    start, history = 0, []
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != cfg.to_dict():
-            raise ValueError(f"{ckpt_path} was written by another configuration; use a new run_dir or name")
-        load_trainable_state(task, state["model"], str(ckpt_path))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, history = state["step"], state["history"]
-    if rank == 0:
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_text_atomic(out / "classes.txt", "\n".join(classes) + "\n")
 
-    model = (
-        nn.parallel.DistributedDataParallel(  # layerdrop (BEATs) skips blocks at random
-            task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-        )
-        if distributed
-        else task
+def _noise_sources(items: pd.DataFrame, cfg: TrainConfig) -> list[str]:
+    """The stereo clips whose far channel noise mixing draws from (none when it is off)."""
+    if cfg.noise_mix_prob <= 0:
+        return []
+    stereo = items[items["channels"] >= 2]
+    if stereo.empty:
+        raise ValueError("noise_mix_prob > 0 needs stereo clips (far channel as noise source)")
+    return sorted(stereo["path"].unique())
+
+
+def _loader(items, codes, noise_paths, cfg: TrainConfig, place: _Place, start: int) -> DataLoader:
+    """The micro-batches of steps ``start..steps-1`` (a pure function of seed, step and rank, so any
+    worker count gives the same batches)."""
+    dataset = TrainItems(
+        items,
+        codes,
+        data.LengthPolicy(mode=cfg.length_mode, seconds=cfg.crop_seconds),
+        noise_paths,
+        cfg.mask_padding,
+        cfg.front_end_settings,
     )
-    length = data.LengthPolicy(mode=cfg.length_mode, seconds=cfg.crop_seconds)
-    noise_paths = []
-    if cfg.noise_mix_prob > 0:
-        stereo = items[items["channels"] >= 2]
-        if stereo.empty:
-            raise ValueError("noise_mix_prob > 0 needs stereo clips (far channel as noise source)")
-        noise_paths = sorted(stereo["path"].unique())
-    dataset = TrainItems(items, codes, length, noise_paths)
     sampler = StepBatches(
         items["machine"].to_numpy(),
         cfg.batch_size,
         cfg.steps,
         cfg.grad_accum,
         cfg.seed,
-        rank,
+        place.rank,
         cfg.balance_machines,
         start=start,
     )
-    loader = DataLoader(
+    workers = data.default_workers() if cfg.num_workers is None else cfg.num_workers
+    pin = place.device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
+    return DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         collate_fn=_collate,
-        persistent_workers=False,
+        pin_memory=pin,
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
     )
-    spec = SpecAugment() if cfg.spec_augment else None
-    autocast = device.type == "cuda" and cfg.amp
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
-    task.train()
-    bar = tqdm(total=end - start, desc=f"train {cfg.name}", disable=not progress or rank != 0)
-    batches = iter(loader)
-    for step in range(start, end):
-        # Every random draw of this step (augmentations, dropout) comes from (seed, step, rank).
-        torch.manual_seed(_step_seed(cfg.seed, step, rank, 99))
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank, 98))
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, step_acc = 0.0, 0.0
-        for micro in range(cfg.grad_accum):
-            waves, lengths, noise, noise_lengths, labels = next(batches)
-            waves, lengths, labels = waves.to(device), lengths.to(device), labels.to(device)
-            if noise_paths:
-                waves = noise_mix(
-                    waves,
-                    lengths,
-                    noise.to(device),
-                    noise_lengths,
-                    cfg.noise_mix_prob,
-                    cfg.noise_mix_snr,
-                    gen,
-                )
-            perm, lam = None, 1.0
-            if cfg.mixup_alpha > 0:
-                waves, lengths, perm, lam = mixup(waves, lengths, cfg.mixup_alpha, gen)
-            embedder.backbone.feature_augment = (lambda f, n, g=gen: spec(f, n, g)) if spec else None
-            sync = not distributed or micro == cfg.grad_accum - 1
-            ctx = model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+
+def _train_step(
+    model,
+    embedder,
+    batches,
+    step: int,
+    cfg,
+    place: _Place,
+    prec,
+    optimizer,
+    trained,
+    spec,
+    mix_noise,
+    history,
+) -> tuple[float, float]:
+    """One optimiser step over ``grad_accum`` micro-batches; returns its mean loss and accuracy.
+
+    Every random draw of the step (augmentations, dropout) comes from (seed, step, rank). The forward
+    pass runs under the precision's autocast, ``backward`` outside it; a loss that is not finite
+    stops the run before the optimiser touches the weights."""
+    torch.manual_seed(_step_seed(cfg.seed, step, place.rank, _DROPOUT_STREAM))
+    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, place.rank, _AUGMENT_STREAM))
+    optimizer.zero_grad(set_to_none=True)
+    step_loss, step_acc = 0.0, 0.0
+    device = place.device
+    for micro in range(cfg.grad_accum):
+        waves, lengths, noise, noise_lengths, labels = next(batches)
+        waves, lengths, labels = waves.to(device), lengths.to(device), labels.to(device)
+        if mix_noise:
+            waves = noise_mix(
+                waves, lengths, noise.to(device), noise_lengths, cfg.noise_mix_prob, cfg.noise_mix_snr, gen
+            )
+        perm, lam = None, 1.0
+        if cfg.mixup_alpha > 0:
+            waves, lengths, perm, lam = mixup(waves, lengths, cfg.mixup_alpha, gen)
+        embedder.backbone.feature_augment = (lambda f, n, g=gen: spec(f, n, g)) if spec else None
+        sync = not place.distributed or micro == cfg.grad_accum - 1
+        with model.no_sync() if not sync else contextlib.nullcontext():
+            with prec.autocast():
                 loss_value, acc = model(waves, lengths, labels, perm, lam)
-                (loss_value / cfg.grad_accum).backward()
-            step_loss += float(loss_value.detach()) / cfg.grad_accum
-            step_acc += float(acc) / cfg.grad_accum
-        embedder.backbone.feature_augment = None
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
-        optimizer.step()
-        scheduler.step()
-        if distributed:
-            stats = torch.tensor([step_loss, step_acc], device=device)
-            dist.all_reduce(stats)
-            step_loss, step_acc = (stats / world).tolist()
-        history.append(
-            {"step": step + 1, "loss": step_loss, "accuracy": step_acc, "lr": optimizer.param_groups[0]["lr"]}
-        )
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{step_acc:.2f}")
-        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-            _save_checkpoint(ckpt_path, task, optimizer, scheduler, step + 1, history, cfg)
-    bar.close()
-    task.eval()
+            prec.scale(loss_value / cfg.grad_accum).backward()
+        step_loss += float(loss_value.detach()) / cfg.grad_accum
+        step_acc += float(acc) / cfg.grad_accum
+    embedder.backbone.feature_augment = None
+    if place.distributed:
+        stats = torch.tensor([step_loss, step_acc], device=device)
+        dist.all_reduce(stats)
+        step_loss, step_acc = (stats / place.world).tolist()
+    if not math.isfinite(step_loss):
+        raise FloatingPointError(_divergence_message(cfg, step, step_loss, history, prec))
+    prec.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(trained, 5.0)
+    prec.step(optimizer)  # skipped (weights unchanged) when fp16 gradients overflowed
+    return step_loss, step_acc
 
-    if rank == 0 and end == cfg.steps:
-        _export(out, embedder, history, cfg)
-    if distributed:
-        dist.barrier()
-    return out
+
+# Streams of the per-step seeds (the micro-batch slots 0..grad_accum-1 draw the batches).
+_DROPOUT_STREAM, _AUGMENT_STREAM = 99, 98
+
+
+def _divergence_message(cfg: TrainConfig, step: int, value: float, history: list, prec) -> str:
+    finite = [h for h in history if math.isfinite(h["loss"])]
+    last = (
+        f"the last finite loss was {finite[-1]['loss']:.4g} at step {finite[-1]['step']}"
+        if finite
+        else "no step had a finite loss"
+    )
+    return (
+        f"{cfg.name}: the training loss became {value} at step {step + 1} ({prec.mode}); {last}. The last "
+        "checkpoint holds the weights before it, but resuming would replay the same steps into the same "
+        f"value. Try a lower lr (now {cfg.lr:g}) or head_lr_scale (now {cfg.head_lr_scale:g}), a longer "
+        f"warm-up (now {cfg.warmup_steps} steps), or precision 'fp32' (now {cfg.precision!r}), under a new "
+        "name (a resumed run refuses changed settings)."
+    )
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict:
@@ -488,25 +786,39 @@ def _loss_kwargs(cfg: TrainConfig) -> dict:
 
 
 def _save_checkpoint(
-    path: Path, task: nn.Module, optimizer, scheduler, step: int, history: list, cfg: TrainConfig
+    path: Path, task, optimizer, scheduler, prec, step: int, history: list, cfg: TrainConfig, checkpoint_sha1
 ):
+    """The full resume state, replacing the previous one atomically (only the last is kept)."""
     state = {
         "model": trainable_state(task),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "precision": prec.state_dict(),
         "step": step,
         "history": history,
         "config": cfg.to_dict(),
+        "checkpoint_sha1": checkpoint_sha1,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as err:
+        raise OSError(
+            f"cannot write the checkpoint {path} ({err.strerror or err}); the previous checkpoint there is "
+            "intact: free disk space (or raise checkpoint_minutes) and run again to resume"
+        ) from err
 
 
-def _export(out: Path, embedder: Embedder, history: list, cfg: TrainConfig) -> None:
+def _export(out: Path, embedder: Embedder, history: list, cfg: TrainConfig, checkpoint_sha1) -> None:
+    """``model.pt`` (the trained weights and buffers only, no optimiser state), the LoRA adapters, the
+    history and its plot."""
     from kit import plots
 
     with atomic_path(out / "model.pt") as tmp:
-        torch.save({"config": cfg.to_dict(), "state": trainable_state(embedder)}, tmp)
+        torch.save(
+            {"config": cfg.to_dict(), "checkpoint_sha1": checkpoint_sha1, "state": trainable_state(embedder)},
+            tmp,
+        )
     if cfg.mode == "lora":
         save_adapters(embedder.backbone, out / "lora_adapters.safetensors")
     frame = pd.DataFrame(history)
@@ -515,13 +827,22 @@ def _export(out: Path, embedder: Embedder, history: list, cfg: TrainConfig) -> N
     plots.training_curves(frame, out / "training_curves.png", title=cfg.name)
 
 
+def _read_model(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises several kinds for a corrupt or foreign file
+        raise ValueError(
+            f"{path} is not a model written by kit.train (corrupt or another kind): {err}"
+        ) from err
+
+
 def load_embedder(model_dir: str | os.PathLike) -> Embedder:
     """Rebuild a fine-tuned embedder from ``<run_dir>/<name>`` (config + original checkpoint + model.pt)."""
     model_dir = Path(model_dir)
     path = model_dir / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: has training finished for {model_dir.name}?")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = _read_model(path)
     cfg = TrainConfig.from_dict(saved["config"])
     torch.manual_seed(cfg.seed)
     embedder = build_embedder(cfg)

@@ -218,3 +218,20 @@ def test_bad_input_raises_clear_errors(tiny_dataset, trained, tmp_path):
     (tmp_path / "baseline" / "toy.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable baseline checkpoint"):
         baseline.score_baseline(tiny_dataset, tmp_path, "toy", progress=False)
+
+
+def test_the_baseline_runs_on_a_canceller_channel_under_its_own_name(tiny_dataset, tmp_path):
+    """channels=("near", "w1"): one model per machine and channel, systems baseline-MSE and
+    baseline-MSE-w1; the w1 model reads the cancelled clip; an epoch count change retrains."""
+    systems = baseline.run_baseline(tiny_dataset, tmp_path, epochs=1, channels=("near", "w1"), progress=False)
+    assert sorted(systems) == ["baseline-MAHALA", "baseline-MAHALA-w1", "baseline-MSE", "baseline-MSE-w1"]
+    assert (systems["baseline-MSE-w1"]["channel"] == "w1").all()
+    assert not np.allclose(systems["baseline-MSE"]["score"], systems["baseline-MSE-w1"]["score"])
+    path = baseline.model_path(tmp_path, "toy", "w1")
+    assert path.name == "toy-w1.pt" and baseline.load_baseline(path)[2]["settings"]["channel"] == "w1"
+    baseline.run_baseline(
+        tiny_dataset, tmp_path, epochs=2, channels=("w1",), methods=("MSE",), progress=False
+    )
+    assert baseline.load_baseline(path)[2]["settings"]["epochs"] == 2
+    with pytest.raises(ValueError, match="unknown channel 'w7'"):
+        baseline.run_baseline(tiny_dataset, tmp_path, epochs=1, channels=("w7",), progress=False)

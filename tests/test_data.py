@@ -470,6 +470,212 @@ def test_length_policy():
 
 
 # ----------------------------------------------------------------------------------------------
+# Lean reading: only the kept window is decoded, with the results of decoding the whole clip
+
+
+def whole_file_crop(path, channel, policy, rng, sample_rate=SR):
+    """The reference: decode everything with soundfile, pick the channel, resample, then cut."""
+    stored, rate = sf.read(path, dtype="float32", always_2d=True)
+    wave = np.ascontiguousarray(stored.T if channel == "both" else stored[:, data.CHANNEL_INDEX[channel]])
+    if rate != sample_rate:
+        wave = data.audio_functional.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
+    return policy.apply_with_length(wave, rng)
+
+
+@pytest.fixture(scope="module")
+def lean_clips(tmp_path_factory):
+    """A 1-s stereo 16-bit clip (the official format), a 1-s stereo float clip, a 0.2-s stereo clip
+    (shorter than the crops), a 1-s mono clip and a 0.5-s stereo clip at 44.1 kHz."""
+    folder = tmp_path_factory.mktemp("lean")
+    rng = np.random.default_rng(0)
+    clips = {}
+    for name, seconds, channels, rate, subtype in (
+        ("pcm16", 1.0, 2, SR, "PCM_16"),
+        ("float", 1.0, 2, SR, "FLOAT"),
+        ("short", 0.2, 2, SR, "PCM_16"),
+        ("mono", 1.0, 1, SR, "PCM_16"),
+        ("resampled", 0.5, 2, 44100, "PCM_16"),
+    ):
+        n = round(seconds * rate)
+        samples = rng.uniform(-0.5, 0.5, (n, channels) if channels == 2 else n).astype(np.float32)
+        clips[name] = folder / f"{name}.wav"
+        sf.write(clips[name], samples, rate, subtype=subtype)
+    return clips
+
+
+LEAN_POLICIES = [
+    data.LengthPolicy("random_crop", seconds=0.25),
+    data.LengthPolicy("random_crop", seconds=0.5),
+    data.LengthPolicy("fixed_crop", seconds=0.25, offset=0.1),
+    data.LengthPolicy("fixed_crop", seconds=0.25, offset="center"),
+    data.LengthPolicy("pad_or_cut", seconds=0.5),
+    data.LengthPolicy("pad_or_cut", seconds=1.5),
+    data.LengthPolicy("none"),
+]
+
+
+@pytest.mark.parametrize("policy", LEAN_POLICIES, ids=lambda p: f"{p.mode}-{p.seconds}-{p.offset}")
+@pytest.mark.parametrize(
+    ("clip", "channel"),
+    [
+        ("pcm16", "near"),
+        ("pcm16", "far"),
+        ("pcm16", "both"),
+        ("float", "far"),
+        ("short", "near"),
+        ("short", "both"),
+        ("mono", "near"),
+        ("resampled", "far"),
+    ],
+)
+def test_read_clip_equals_whole_file_crop(lean_clips, clip, channel, policy):
+    path = lean_clips[clip]
+    for seed in range(4):
+        new_rng, old_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        wave, valid = data.read_clip(path, channel, policy, new_rng)
+        expected, expected_valid = whole_file_crop(path, channel, policy, old_rng)
+        assert wave.dtype == np.float32 and wave.flags.c_contiguous
+        np.testing.assert_array_equal(wave, expected)
+        assert valid == expected_valid
+        # The generator is left where the old path left it: the training items draw from it next.
+        assert new_rng.integers(1 << 30) == old_rng.integers(1 << 30)
+
+
+def test_read_clip_known_windows(lean_clips):
+    stored, _ = sf.read(lean_clips["pcm16"], dtype="float32", always_2d=True)
+    wave, valid = data.read_clip(
+        lean_clips["pcm16"], "far", data.LengthPolicy("fixed_crop", 0.25, offset=0.5)
+    )
+    np.testing.assert_array_equal(wave, stored[8000:12000, 1])
+    assert valid == 4000
+    # A window running past the end: the audio that is there, then zeros; valid counts the audio.
+    wave, valid = data.read_clip(
+        lean_clips["pcm16"], "near", data.LengthPolicy("fixed_crop", 0.5, offset=0.75)
+    )
+    np.testing.assert_array_equal(wave[:4000], stored[12000:, 0])
+    assert valid == 4000 and wave.shape == (8000,) and not wave[4000:].any()
+    short, _ = sf.read(lean_clips["short"], dtype="float32", always_2d=True)
+    wave, valid = data.read_clip(
+        lean_clips["short"], "both", data.LengthPolicy("random_crop", 0.5), np.random.default_rng(0)
+    )
+    assert wave.shape == (2, 8000) and valid == 3200
+    np.testing.assert_array_equal(wave[:, :3200], short.T)
+    assert not wave[:, 3200:].any()
+
+
+def test_read_clip_decodes_only_the_window(lean_clips, monkeypatch):
+    reads = []
+    original = sf.SoundFile.read
+
+    def recording_read(handle, frames=-1, *args, **kwargs):
+        reads.append((handle.tell(), frames))
+        return original(handle, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", recording_read)
+    rng = np.random.default_rng(5)
+    start = int(np.random.default_rng(5).integers(0, 16000 - 4000 + 1))
+    data.read_clip(lean_clips["pcm16"], "far", data.LengthPolicy("random_crop", 0.25), rng)
+    assert reads == [(start, 4000)]
+    reads.clear()
+    data.read_clip(lean_clips["pcm16"], "near", data.LengthPolicy("pad_or_cut", 0.5))
+    assert reads == [(0, 8000)]
+    reads.clear()  # another rate: decoded whole, as the resampler needs
+    data.read_clip(lean_clips["resampled"], "near", data.LengthPolicy("pad_or_cut", 0.25))
+    assert reads == [(0, -1)]
+
+
+def test_clip_dataset_reads_the_same_crops(lean_clips):
+    index = pd.DataFrame({"path": [str(lean_clips["pcm16"]), str(lean_clips["short"])], "channels": [2, 2]})
+    policy = data.LengthPolicy("random_crop", seconds=0.25)
+    dataset = data.ClipDataset(index, channels=("near", "far"), length=policy, seed=3)
+    dataset.set_epoch(2)
+    for item in range(len(dataset)):
+        got = dataset[item]
+        expected, valid = whole_file_crop(
+            dataset._paths[item], got["channel"], policy, np.random.default_rng([3, 2, item])
+        )
+        np.testing.assert_array_equal(got["wave"].numpy(), expected)
+        assert got["length"] == valid
+
+
+def test_read_clip_bad_inputs(tmp_path, lean_clips):
+    policy = data.LengthPolicy("random_crop", seconds=0.25)
+    rng = np.random.default_rng(0)
+    with pytest.raises(FileNotFoundError, match="absent.wav"):
+        data.read_clip(tmp_path / "absent.wav", "near", policy, rng)
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(DatasetError, match="corrupt.wav"):
+        data.read_clip(corrupt, "near", policy, rng)
+    with pytest.raises(DatasetError, match=r"mono clip .*mono\.wav has no far channel"):
+        data.read_clip(lean_clips["mono"], "far", policy, rng)
+    with pytest.raises(ValueError, match="unknown channel 'left'"):
+        data.read_clip(lean_clips["pcm16"], "left", policy, rng)
+    with pytest.raises(ValueError, match="needs a numpy Generator"):
+        data.read_clip(lean_clips["pcm16"], "near", policy)
+    with pytest.raises(ValueError, match="offset 16000 is past the end of a 16000-sample clip"):
+        data.read_clip(lean_clips["pcm16"], "near", data.LengthPolicy("fixed_crop", 0.25, offset=1.0))
+    with pytest.raises(ValueError, match="counts samples at 16000 Hz but audio is loaded at 8000 Hz"):
+        data.read_clip(lean_clips["pcm16"], "near", policy, rng, sample_rate=8000)
+    quad = tmp_path / "quad.wav"
+    sf.write(quad, np.zeros((100, 4), dtype=np.float32), SR, subtype="FLOAT")
+    with pytest.raises(DatasetError, match="quad.wav has 4 channels"):
+        data.read_clip(quad, "near", policy, rng)
+
+
+def test_read_clip_checks_the_window_for_nan(tmp_path):
+    samples = np.zeros((16000, 2), dtype=np.float32)
+    samples[12000, 1] = np.nan  # the far channel, in the last quarter
+    path = tmp_path / "nan.wav"
+    sf.write(path, samples, SR, subtype="FLOAT")
+    with pytest.raises(DatasetError, match="nan.wav holds NaN"):
+        data.read_clip(path, "far", data.LengthPolicy("fixed_crop", 0.5, offset=0.5))
+    with pytest.raises(DatasetError, match="nan.wav holds NaN"):
+        data.read_clip(path, "both", data.LengthPolicy("pad_or_cut", 1.0))
+    # Samples outside the window are never decoded, so they cannot reach the model.
+    wave, _ = data.read_clip(path, "far", data.LengthPolicy("pad_or_cut", 0.5))
+    assert np.isfinite(wave).all()
+    wave, _ = data.read_clip(path, "near", data.LengthPolicy("fixed_crop", 0.5, offset=0.5))
+    assert np.isfinite(wave).all()
+
+
+def test_load_audio_window(lean_clips):
+    stored, _ = sf.read(lean_clips["pcm16"], dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(
+        data.load_audio(lean_clips["pcm16"], "far", start=100, frames=50), stored[100:150, 1]
+    )
+    np.testing.assert_array_equal(data.load_audio(lean_clips["pcm16"], "both", start=15990), stored[15990:].T)
+    np.testing.assert_array_equal(
+        data.load_audio(lean_clips["pcm16"], "near", start=15990, frames=100), stored[15990:, 0]
+    )
+    resampled = data.load_audio(lean_clips["resampled"], "near")
+    assert resampled.shape == (8000,)
+    np.testing.assert_array_equal(
+        data.load_audio(lean_clips["resampled"], "near", start=1000, frames=300), resampled[1000:1300]
+    )
+    with pytest.raises(ValueError, match=r"start 16000 is past the end of .*pcm16\.wav: the clip has 16000"):
+        data.load_audio(lean_clips["pcm16"], start=16000)
+    with pytest.raises(ValueError, match=r"start 8000 is past the end .*after resampling from 44100 Hz"):
+        data.load_audio(lean_clips["resampled"], start=8000)
+    with pytest.raises(ValueError, match="start must be a non-negative"):
+        data.load_audio(lean_clips["pcm16"], start=-1)
+    with pytest.raises(ValueError, match="frames must be a positive"):
+        data.load_audio(lean_clips["pcm16"], frames=0)
+
+
+def test_length_policy_window():
+    assert data.LengthPolicy().window(100) == (0, None)
+    assert data.LengthPolicy("pad_or_cut", seconds=1).window(100) == (0, 16000)
+    assert data.LengthPolicy("fixed_crop", seconds=0.5, offset="center").window(32000) == (12000, 8000)
+    assert data.LengthPolicy("fixed_crop", seconds=0.5, offset=0.25).window(32000) == (4000, 8000)
+    start, n = data.LengthPolicy("random_crop", seconds=0.5).window(32000, np.random.default_rng(1))
+    assert n == 8000 and start == int(np.random.default_rng(1).integers(0, 24001))
+    rng = np.random.default_rng(1)
+    assert data.LengthPolicy("random_crop", seconds=1).window(8000, rng) == (0, 16000)
+    assert rng.integers(1 << 30) == np.random.default_rng(1).integers(1 << 30)  # no draw for a short clip
+
+
+# ----------------------------------------------------------------------------------------------
 # ClipDataset and collate
 
 

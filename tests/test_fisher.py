@@ -201,3 +201,26 @@ def test_bad_input_is_rejected(waves, lengths, message):
 def test_bad_options_are_rejected(options):
     with pytest.raises(ValueError, match=next(iter(options))):
         fisher.build("cpu", **options)
+
+
+@pytest.mark.parametrize("options", [{"max_frames": 0}, {"pad_to": 1024, "max_frames": 1024}])
+def test_bad_frame_limits_are_rejected(options):
+    with pytest.raises(ValueError, match="max_frames"):
+        fisher.build("unit", **options)
+
+
+def test_readme_path_embeds_the_whole_clip_unless_told_to_cut():
+    """A 12-s clip: by default the last 2 s change the output; max_frames=1024 (the README script's cut)
+    ignores them, and the cut is announced as the backbone's input limit."""
+    torch.manual_seed(0)
+    whole = fisher.build("unit").eval()
+    cut = fisher.build("unit", max_frames=1024).eval()
+    cut.load_state_dict(whole.state_dict())
+    clip = torch.randn(1, 12 * 16000) * 0.1
+    changed_end = clip.clone()
+    changed_end[:, -16000:] = clip[:, -16000:].flip(-1) * 3  # zero mean kept: the clip's mean is removed
+    changed_end[:, -16000:] -= changed_end[:, -16000:].mean() - clip[:, -16000:].mean()
+    with torch.no_grad():
+        assert not torch.allclose(whole.embedding(clip), whole.embedding(changed_end))
+        torch.testing.assert_close(cut.embedding(clip), cut.embedding(changed_end))
+    assert whole.max_input_seconds is None and cut.max_input_seconds == pytest.approx(10.24)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kit.heads import AttentiveStatsPool, ClsPool, MeanPool, make_head
+from kit.heads import AttentiveStatsPool, ClsPool, MeanPool, StatsPool, make_head
 
-KINDS = ["asp", "mean", "cls"]
+KINDS = ["asp", "mean", "cls", "stats"]  # "stats" with embed_dim 6 != 2 * 12: the projected variant
 
 
 def _padded_batch(lengths, dim=12, fill=0.0, seed=0):
@@ -62,6 +62,23 @@ def test_cls_pool_uses_token_zero_only():
     torch.testing.assert_close(head(changed, padding), head(tokens, padding))
 
 
+def test_parameter_free_stats_pool_is_the_mean_and_population_std_of_the_valid_tokens():
+    head = make_head("stats", 12, None)
+    assert isinstance(head, StatsPool) and head.embed_dim == 24 and not list(head.parameters())
+    tokens, padding = _padded_batch([5, 2, 7], fill=float("nan"))
+    expected = torch.stack(
+        [
+            torch.cat([tokens[i, :n].mean(0), tokens[i, :n].std(0, unbiased=False)])
+            for i, n in enumerate([5, 2, 7])
+        ]
+    )
+    torch.testing.assert_close(head(tokens, padding), expected)
+    assert StatsPool(12, 24).projection is None  # 2 * in_dim asked explicitly: still parameter-free
+    # A constant channel has std sqrt(eps), not 0 (a finite gradient), as in ASP.
+    constant = head(torch.ones(1, 4, 12))
+    torch.testing.assert_close(constant[0, 12:], torch.full((12,), 1e-5**0.5))
+
+
 def test_asp_weights_sum_to_one_over_valid_tokens():
     head = AttentiveStatsPool(12, 6, bottleneck=16)
     tokens, padding = _padded_batch([9, 4, 6], fill=float("nan"))
@@ -109,6 +126,8 @@ def test_bad_inputs_give_clear_errors():
     tokens, padding = _padded_batch([4, 3])
     with pytest.raises(ValueError, match="unknown pooling head 'max'"):
         make_head("max", 12, 6)
+    with pytest.raises(ValueError, match="'asp' needs an embed_dim"):
+        make_head("asp", 12, None)
     with pytest.raises(ValueError, match=r"shape \[batch, tokens, 12\]"):
         head(tokens[..., :10], padding)
     with pytest.raises(ValueError, match="padding_mask must have shape"):

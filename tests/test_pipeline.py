@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pandas as pd
@@ -11,15 +12,13 @@ from kit import metrics, pipeline, submission
 
 TINY = [
     "01.embedded_scale=0.25",
-    "02.backbone_config=unit",
-    "03.backbone_config=unit",
-    "04.backbone_config=unit",
     "05.baseline_epochs=1",
     "06.bayes_iter=2",
     "06.bayes_init=2",
 ]
-for nb in ("02", "03", "04"):
-    TINY += [f"{nb}.steps=4", f"{nb}.batch_size=4", f"{nb}.crop_seconds=1.0", f"{nb}.checkpoint_every=2"]
+for nb in ("02", "03", "04"):  # random-init unit-size backbones, a few steps of short crops
+    TINY += [f"{nb}.training.{key}" for key in ("backbone_config=unit", "steps=4", "batch_size=4")]
+    TINY += [f"{nb}.training.crop_seconds=1.0", f"{nb}.training.checkpoint_every=2"]
 
 
 def test_every_system_file_loads_and_names_real_notebooks(monkeypatch):
@@ -48,12 +47,163 @@ def test_bad_system_input_is_named(tmp_path):
     assert pipeline.main(["nope", "--run-dir", str(tmp_path / "r")]) == 2
 
 
+def write_notebook(path, parameters: str) -> None:
+    """A notebook whose only cell is a papermill ``parameters`` cell."""
+    cell = {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": parameters, "outputs": []}
+    path.write_text(json.dumps({"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+
+
+@pytest.fixture()
+def fake_system(tmp_path, monkeypatch):
+    """notebooks/ with three small notebooks and a system ``fake`` that runs 02 twice."""
+    notebooks = tmp_path / "notebooks"
+    (notebooks / "systems").mkdir(parents=True)
+    common = 'data_root = "embedded"\nrun_dir = "runs/notebook"\n'
+    write_notebook(notebooks / "01_prepare.ipynb", common + "scale = 1.0\n")
+    write_notebook(
+        notebooks / "02_train.ipynb",
+        common + 'name = "model"\nseed = 0\nchannels = ["near", "far"]\ncheckpoint = None\n'
+        'training = {"steps": 300, "lr": 0.001}  # over the library defaults\nextraction = {}\n',
+    )
+    write_notebook(notebooks / "03_score.ipynb", common + "knn_k = 1\n")
+    (notebooks / "systems" / "fake.yaml").write_text(
+        "description: two training runs\n"
+        "steps:\n"
+        "  - notebook: 01_prepare\n"
+        "  - notebook: 02_train\n"
+        "    params: {name: a, training: {lr: 5.0e-5, batch_size: 16}}\n"
+        "  - notebook: 02_train\n"
+        "    params: {name: b}\n"
+        "  - notebook: 03_score\n"
+    )
+    monkeypatch.setattr(pipeline, "NOTEBOOKS", notebooks)
+    monkeypatch.setattr(pipeline, "SYSTEMS", notebooks / "systems")
+    return "fake"
+
+
+def params_of(plan, notebook):
+    return [step["params"] for step in plan if step["notebook"].startswith(notebook)]
+
+
+def test_set_replaces_a_parameter_and_parses_yaml(fake_system, tmp_path):
+    overrides = ["02.seed=5", "2.channels=[near]", "02_train.checkpoint=null", "03.knn_k=3"]
+    plan = pipeline.plan_system(fake_system, "embedded", tmp_path / "run", overrides=overrides)
+    for params in params_of(plan, "02"):  # every step of notebook 02
+        assert params["seed"] == 5 and params["channels"] == ["near"] and params["checkpoint"] is None
+    assert params_of(plan, "03") == [
+        {"data_root": "embedded", "run_dir": str((tmp_path / "run").resolve()), "knn_k": 3}
+    ]
+    assert params_of(plan, "01")[0] == {"data_root": "embedded", "run_dir": str((tmp_path / "run").resolve())}
+    assert [step["target"].name for step in plan] == [
+        "01_prepare.ipynb",
+        "02_train-a.ipynb",
+        "02_train-b.ipynb",
+        "03_score.ipynb",
+    ]
+
+
+def test_set_with_keys_merges_into_a_mapping_parameter(fake_system, tmp_path):
+    overrides = ["02.training.steps=50", "02.extraction.windows.seconds=10", "02.training.lr=1e-4"]
+    first, second = params_of(
+        pipeline.plan_system(fake_system, "embedded", tmp_path, overrides=overrides), "02"
+    )
+    # the system's own mapping keeps its other keys
+    assert first["training"] == {"lr": 1e-4, "batch_size": 16, "steps": 50}
+    # a step without the mapping starts from the notebook's default, so its other keys stay too
+    assert second["training"] == {"steps": 50, "lr": 1e-4}
+    assert first["extraction"] == second["extraction"] == {"windows": {"seconds": 10}}
+    # a plan does not change the loaded system, nor the next plan
+    assert pipeline.load_system(fake_system)["steps"][1]["params"]["training"] == {
+        "lr": 5e-5,
+        "batch_size": 16,
+    }
+    again = params_of(pipeline.plan_system(fake_system, "embedded", tmp_path), "02")
+    assert [p.get("training") for p in again] == [{"lr": 5e-5, "batch_size": 16}, None]
+
+
+def test_set_replacing_a_mapping_and_then_a_key(fake_system, tmp_path):
+    overrides = ["02.training={steps: 9}", "02.training.lr=0.5"]
+    plan = pipeline.plan_system(fake_system, "embedded", tmp_path, overrides=overrides)
+    assert [p["training"] for p in params_of(plan, "02")] == [{"steps": 9, "lr": 0.5}] * 2
+
+
+def test_system_files_expand_variables_in_keys_and_read_exponents_as_numbers(
+    fake_system, tmp_path, monkeypatch
+):
+    system = pipeline.SYSTEMS / "labels.yaml"
+    system.write_text(
+        "steps:\n"
+        "  - notebook: 02_train\n"
+        '    params: {training: {lr: 1e-4}, extraction: {"${TEAM_LABEL:-Repro_Kit}_task2_1": "${NOPE}"}}\n'
+    )
+    monkeypatch.delenv("TEAM_LABEL", raising=False)
+    monkeypatch.delenv("NOPE", raising=False)
+    params = pipeline.load_system("labels")["steps"][0]["params"]
+    assert params["training"] == {"lr": 1e-4}
+    assert params["extraction"] == {"Repro_Kit_task2_1": None}
+    monkeypatch.setenv("TEAM_LABEL", "Smith_UNI")
+    assert pipeline.load_system("labels")["steps"][0]["params"]["extraction"] == {"Smith_UNI_task2_1": None}
+    overrides = ["02.training.lr=2e-5", '02.extraction.note="1e-4"']  # quoted: stays a string
+    (planned,) = params_of(pipeline.plan_system("labels", "embedded", tmp_path, overrides=overrides), "02")
+    assert planned["training"] == {"lr": 2e-5} and planned["extraction"]["note"] == "1e-4"
+
+
+def test_bad_overrides_and_only_are_named(fake_system, tmp_path):
+    def plan(overrides=(), only=None):
+        return pipeline.plan_system(fake_system, "embedded", tmp_path, overrides=list(overrides), only=only)
+
+    with pytest.raises(ValueError, match="parameter seed is 0, not a mapping"):
+        plan(["02.seed.x=1"])
+    with pytest.raises(ValueError, match="02_train has no parameter 'setps'.*seed, channels"):
+        plan(["02.setps=3"])
+    with pytest.raises(ValueError, match="notebook '04' is not part of system fake.*01_prepare, 02_train"):
+        plan(["04.steps=3"])
+    for text in ("02.seed", "02=3", ".seed=3", "02..x=1", "02.training.=1"):
+        with pytest.raises(ValueError, match="NOTEBOOK.PARAM=VALUE"):
+            plan([text])
+    with pytest.raises(ValueError, match="not valid YAML"):
+        plan(["02.channels=[near"])
+    with pytest.raises(ValueError, match="--only 04: not a notebook of system fake"):
+        plan(only=["01", "04"])
+    assert [step["label"] for step in plan(only=["03", "1"])] == ["01_prepare", "03_score"]
+    assert [step["label"] for step in plan(only=["02_train"])] == ["02_train-a", "02_train-b"]
+
+
+def test_run_system_executes_the_plan_in_order(fake_system, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        pipeline,
+        "_execute_notebook",
+        lambda src, dst, params, kernel, log: calls.append((src.name, dst, params, kernel)),
+    )
+    run_dir = pipeline.run_system(
+        fake_system, "/data", tmp_path / "run", overrides=["03.knn_k=2"], only=["02", "03"], kernel="k"
+    )
+    assert run_dir == (tmp_path / "run").resolve() and (run_dir / "notebooks").is_dir()
+    assert [(c[0], c[1].name, c[3]) for c in calls] == [
+        ("02_train.ipynb", "02_train-a.ipynb", "k"),
+        ("02_train.ipynb", "02_train-b.ipynb", "k"),
+        ("03_score.ipynb", "03_score.ipynb", "k"),
+    ]
+    assert calls[2][2] == {"data_root": "/data", "run_dir": str(run_dir), "knn_k": 2}
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_default_pipeline_end_to_end(tmp_path):
     """./run_all.sh's embedded default at a tiny scale: every notebook runs, results.csv holds every
     system with the baseline and the fusion, and the submission zip passes the validator."""
     run_dir = tmp_path / "run"
-    overrides = TINY + [f"01.embedded_root={tmp_path / 'embedded'}", f"06.submission_dir={tmp_path / 'subs'}"]
+    authors = tmp_path / "authors.yaml"
+    authors.write_text(
+        (pipeline.REPO / "authors.example.yaml")
+        .read_text()
+        .replace("jane.doe@example.org", "jane.doe@uni.edu")
+    )
+    overrides = TINY + [
+        f"01.embedded_root={tmp_path / 'embedded'}",
+        f"06.submission_dir={tmp_path / 'subs'}",
+        f"06.authors={authors}",  # the zip is written once the authors are known
+    ]
     pipeline.run_system("default", "embedded", run_dir, overrides=overrides)
     for notebook in pipeline.notebook_paths():
         assert any(p.name.startswith(notebook.stem) for p in (run_dir / "notebooks").iterdir()), notebook.stem
@@ -66,15 +216,23 @@ def test_default_pipeline_end_to_end(tmp_path):
     expected = submission.expected_test_files(tmp_path / "embedded" / "eval_data" / "raw")
     assert submission.validate(zip_path, expected_files=expected) == []
     # the embedded evaluation ground truth scores the submitted system with the official metric
-    scored = metrics.load_score_dir(run_dir / "submission" / "Kit_Embedded_task2_1")
+    (label_dir,) = [p for p in (run_dir / "submission").iterdir() if p.is_dir()]  # the one system submitted
+    scored = metrics.load_score_dir(label_dir)
     truth = metrics.load_ground_truth(tmp_path / "embedded" / "eval_ground_truth")
     table = metrics.section_metrics(metrics.attach_ground_truth(scored, truth))
     assert len(table) == len(expected)
     assert os.path.exists(run_dir / "figures" / "systems.png")
+    # the development scores in the official format: the metrics command reads labels from their names
+    assert metrics.main([str(run_dir / "dev_scores"), "--system", "fusion"]) == 0
 
     # a papermill sweep over the scoring notebook: one run folder per value, the original untouched
     original = (run_dir / "scores" / "beats-knn-near.csv").read_bytes()
-    params = {"branches": ["beats"], "backends": ["knn"], "channel_policies": ["near"], "baseline": False}
+    params = {
+        "branches": ["beats"],
+        "backends": ["knn"],
+        "channel_policies": ["near"],
+        "with_baseline": False,
+    }
     outs = pipeline.sweep("05_scoring", {"knn_k": [1, 3]}, run_dir, tmp_path / "sweep", params=params)
     assert [p.name for p in outs] == ["knn_k=1", "knn_k=3"]
     k1, k3 = (pd.read_csv(p / "scores" / "beats-knn-near.csv")["score"] for p in outs)

@@ -352,3 +352,220 @@ def test_a_collapsed_branch_is_left_out_with_a_warning_naming_it():
     assert list(scoring.select_systems(systems, ["c-knn-near"])) == ["c-knn-near"]
     with pytest.raises(KeyError, match=r"no scores for \['c-knn-zmean'\]; scored systems: \['c-knn-near'\]"):
         scoring.select_systems(systems, ["c-knn-near", "c-knn-zmean"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Distance normalisation for the target domain
+# --------------------------------------------------------------------------------------------------
+def _cosine(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return 1 - a @ b.T
+
+
+def _loo_1nn(points):
+    distance = _cosine(points, points)
+    np.fill_diagonal(distance, np.inf)
+    return distance.min(axis=1)
+
+
+def _two_domains(seed=11, n_source=40, n_target=6, dims=5):
+    rng = np.random.default_rng(seed)
+    source = rng.normal(size=(n_source, dims)) * 0.3 + [3, 0, 0, 0, 0]
+    target = rng.normal(size=(n_target, dims)) * 0.6 + [0, 3, 0, 0, 0]
+    return rng, np.concatenate([source, target]), ["source"] * n_source + ["target"] * n_target
+
+
+@pytest.mark.parametrize("normalisation", ["domain_mean", "domain_zscore"])
+def test_domain_normalisation_puts_each_domains_distances_on_its_leave_one_out_scale(normalisation):
+    rng, train, domain = _two_domains()
+    source, target = train[:40], train[40:]
+    test = rng.normal(size=(25, 5))
+    scores = scoring.score_group(test, train, domain, separate_domains=True, normalisation=normalisation)
+    parts = []
+    for refs in (source, target):
+        distance, own = _cosine(test, refs).min(axis=1), _loo_1nn(refs)
+        parts.append(
+            distance / own.mean() if normalisation == "domain_mean" else (distance - own.mean()) / own.std()
+        )
+    np.testing.assert_allclose(scores, np.minimum(*parts), rtol=1e-5, atol=1e-6)
+    # The default keeps today's raw smaller distance.
+    raw = scoring.score_group(test, train, domain, separate_domains=True)
+    np.testing.assert_allclose(
+        raw, np.minimum(_cosine(test, source).min(1), _cosine(test, target).min(1)), atol=1e-6
+    )
+
+
+def test_domain_mean_normalisation_of_mahalanobis_uses_the_exact_leave_one_out_distances():
+    rng, train, domain = _two_domains(seed=12)
+    test = rng.normal(size=(10, 5))
+    scores = scoring.score_group(
+        test, train, domain, backend="mahalanobis", separate_domains=True, normalisation="domain_mean"
+    )
+    parts = []
+    for rows in (np.arange(40), np.arange(40, 46)):
+        refs = train[rows]
+        own = scoring.score_group(
+            refs, refs, ["source"] * len(refs), backend="mahalanobis", loo_index=np.arange(len(refs))
+        )
+        parts.append(scoring.mahalanobis_distance(test, refs) / own.mean())
+    np.testing.assert_allclose(scores, np.minimum(*parts), rtol=1e-8)
+
+
+def test_domain_normalisation_rescues_normals_of_a_sparse_target_domain():
+    """Ten target clips spread wider than the source: raw distances make target normals look
+    anomalous; on each domain's own scale they rank like source normals."""
+    rng = np.random.default_rng(13)
+    centre_s, centre_t = np.eye(8)[0] * 4, np.eye(8)[1] * 4
+    train = np.concatenate(
+        [centre_s + rng.normal(size=(100, 8)) * 0.2, centre_t + rng.normal(size=(10, 8)) * 0.8]
+    )
+    domain = ["source"] * 100 + ["target"] * 10
+    normals = np.concatenate(
+        [centre_s + rng.normal(size=(30, 8)) * 0.2, centre_t + rng.normal(size=(30, 8)) * 0.8]
+    )
+    anomalies = np.concatenate(
+        [centre_s + rng.normal(size=(30, 8)) * 0.6, centre_t + rng.normal(size=(30, 8)) * 2.0]
+    )
+    test = np.concatenate([normals, anomalies])
+    truth = np.r_[np.zeros(60), np.ones(60)]
+    raw = scoring.score_group(test, train, domain, separate_domains=True)
+    normalised = scoring.score_group(test, train, domain, separate_domains=True, normalisation="domain_mean")
+    assert roc_auc_score(truth, normalised) > roc_auc_score(truth, raw) + 0.05
+
+
+@pytest.mark.parametrize("density_k", [1, 3])
+def test_local_density_divides_each_reference_distance_by_that_references_own_knn_distance(density_k):
+    rng, train, domain = _two_domains(seed=14)
+    test = rng.normal(size=(20, 5))
+    scores = scoring.score_group(test, train, domain, k=2, normalisation="local_density", density_k=density_k)
+    own = _cosine(train, train)
+    np.fill_diagonal(own, np.inf)
+    density = np.sort(own, axis=1)[:, :density_k].mean(axis=1)
+    expected = np.sort(np.maximum(_cosine(test, train), 0) / density[None, :], axis=1)[:, :2].mean(axis=1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    # A training clip scored leave-one-out never meets itself (its own ratio would be 0).
+    loo = scoring.score_group(
+        train[:3], train, domain, normalisation="local_density", density_k=density_k, loo_index=np.arange(3)
+    )
+    assert (loo > 0.1).all()
+
+
+def test_normalisation_options_pass_through_score_embeddings():
+    rng = np.random.default_rng(15)
+    clips = clip_table(n_source=20, n_target=4, n_normal=5, n_anomaly=5)
+    emb = rng.normal(size=(len(clips), 6))
+    meta = with_channels(clips)
+    direct = scoring.score_group(
+        emb[24:], emb[:24], clips["domain"][:24], separate_domains=True, normalisation="domain_zscore"
+    )
+    scores = scoring.score_embeddings(
+        meta, emb, separate_domains=True, normalisation="domain_zscore", include_train=False, progress=False
+    )
+    np.testing.assert_allclose(scores["score"], direct)
+    systems = scoring.score_branches(
+        {"b": (meta, emb)}, backends=("knn",), normalisation="local_density", density_k=2, progress=False
+    )
+    alone = scoring.score_embeddings(meta, emb, normalisation="local_density", density_k=2, progress=False)
+    pd.testing.assert_frame_equal(systems["b-knn-near"], alone)
+
+
+def test_normalisation_rejects_what_it_cannot_do():
+    rng, train, domain = _two_domains(seed=16)
+    test = rng.normal(size=(4, 5))
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        scoring.score_group(test, train, domain, normalisation="zscore")
+    with pytest.raises(ValueError, match="needs separate_domains=True"):
+        scoring.score_group(test, train, domain, normalisation="domain_mean")
+    with pytest.raises(ValueError, match="needs backend='knn'"):
+        scoring.score_group(test, train, domain, backend="mahalanobis", normalisation="local_density")
+    with pytest.raises(ValueError, match="use one"):
+        scoring.score_group(test, train, domain, normalisation="local_density", smote=10)
+    with pytest.raises(ValueError, match="density_k must be a positive integer"):
+        scoring.score_group(test, train, domain, normalisation="local_density", density_k=0)
+    with pytest.raises(ValueError, match="density_k"):
+        scoring.score_group(
+            test, train, domain, separate_domains=True, normalisation="local_density", density_k=6
+        )
+    twins = np.repeat(train[:1], 4, axis=0) + 0.0
+    with pytest.raises(scoring.DegenerateScoresError, match="identical neighbours"):
+        scoring.score_group(test, twins, ["source"] * 4, normalisation="local_density")
+    with pytest.raises(scoring.DegenerateScoresError, match="constant"):
+        scoring.score_group(
+            test,
+            np.concatenate([twins, train[40:]]),
+            ["source"] * 4 + ["target"] * 6,
+            separate_domains=True,
+            normalisation="domain_zscore",
+        )
+
+
+def _condition_world(seed=3):
+    """Two attribute values, each a direction in embedding space. ``near`` hides them under a large
+    noise, ``w1`` (a canceller's output) keeps them: auto must choose w1 from training clips alone."""
+    rng = np.random.default_rng(seed)
+    clips = clip_table(n_source=40, n_target=4, n_normal=10, n_anomaly=10)
+    clips["attributes"] = np.where(np.arange(len(clips)) % 2 == 0, "spd_1", "spd_2")
+    dims = 12
+    condition = (
+        np.where((clips["attributes"] == "spd_1").to_numpy()[:, None], np.eye(dims)[0], np.eye(dims)[1]) * 3
+    )
+    anomaly = (clips["label"] == "anomaly").to_numpy()[:, None] * np.eye(dims)[2] * 2
+    clean = condition + anomaly + 0.2 * rng.normal(size=(len(clips), dims))
+    meta = with_channels(clips, ("near", "far", "w1"))
+    near = clean + 8 * rng.normal(size=clean.shape)
+    far = 8 * rng.normal(size=clean.shape)
+    return meta, np.concatenate([near, far, clean + 0.1 * rng.normal(size=clean.shape)])
+
+
+def test_a_canceller_channel_is_a_policy_and_auto_chooses_it_from_training_clips():
+    meta, emb = _condition_world()
+    w1 = scoring.score_embeddings(meta, emb, channel_policy="w1", progress=False)
+    assert (w1["channel"] == "w1").all()
+    auto = scoring.score_embeddings(meta, emb, channel_policy="auto", progress=False)
+    assert (auto["channel"] == "auto:w1").all()
+    np.testing.assert_array_equal(auto["score"], w1["score"])
+    # the choice uses training clips only: scrambling every test embedding leaves it unchanged
+    scrambled = emb.copy()
+    test = (meta["split"] == "test").to_numpy()
+    scrambled[test] = np.random.default_rng(0).normal(size=(int(test.sum()), emb.shape[1]))
+    assert (
+        scoring.score_embeddings(meta, scrambled, channel_policy="auto", progress=False)["channel"]
+        == "auto:w1"
+    ).all()
+    # without a better canceller the near channel stays
+    swapped = np.concatenate(
+        [emb[2 * len(meta) // 3 :], emb[len(meta) // 3 : 2 * len(meta) // 3], emb[: len(meta) // 3]]
+    )
+    assert (
+        scoring.score_embeddings(meta, swapped, channel_policy="auto", progress=False)["channel"]
+        == "auto:near"
+    ).all()
+    with pytest.raises(ValueError, match="channel_policy must be one of"):
+        scoring.score_embeddings(meta, emb, channel_policy="w9", progress=False)
+
+
+def test_score_branches_skips_what_a_branch_has_not_embedded_and_takes_per_backend_options():
+    meta, emb = _condition_world()
+    near_only = meta["channel"] == "near"
+    systems = scoring.score_branches(
+        {"a": (meta, emb), "b": (meta[near_only].reset_index(drop=True), emb[near_only.to_numpy()])},
+        ("knn", "mahalanobis"),
+        ("near", "w1", "auto", "mean"),
+        smote={"knn": 4},
+        progress=False,
+    )
+    assert sorted(systems) == [
+        "a-knn-auto",
+        "a-knn-mean",
+        "a-knn-near",
+        "a-knn-w1",
+        "a-mahalanobis-auto",
+        "a-mahalanobis-mean",
+        "a-mahalanobis-near",
+        "a-mahalanobis-w1",
+        "b-knn-near",
+        "b-mahalanobis-near",
+    ]  # smote reached the knn backend only (mahalanobis refuses it)
+    with pytest.raises(ValueError, match="per-backend values must be keyed by"):
+        scoring.score_branches({"a": (meta, emb)}, ("knn",), ("near",), smote={"lof": 1}, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
@@ -46,15 +47,25 @@ def make_scores(seed: int = 0) -> pd.DataFrame:
     return frame.assign(score=rng.normal(size=len(frame)))
 
 
+AUTHOR = {
+    "lastname": "Smith",
+    "firstname": "Ann",
+    "email": "ann.smith@uni-hamburg.de",
+    "corresponding": True,
+    "affiliation": {
+        "institution": "University of Hamburg",
+        "department": None,
+        "location": "Hamburg, Germany",
+    },
+}
+
+
 def filled_meta() -> dict:
     meta = meta_template()
     meta["submission"].update(name="Fine-tuned BEATs + KNN", abbreviation="BEATsKNN")
-    meta["submission"]["authors"][0].update(lastname="Smith", firstname="Ann", email="ann@uni.example")
+    meta["submission"]["authors"] = [copy.deepcopy(AUTHOR)]
     meta["system"]["description"]["machine_learning_method"] = "KNN"
-    meta["results"]["development_dataset"] = {
-        "fan": {"auc_source": 0.71, "auc_target": 0.62, "pauc": 0.55},
-        "overall": {"official_score": 0.6},
-    }
+    meta["results"]["development_dataset"] = {"fan": {"auc_source": 71.0, "auc_target": 62.0, "pauc": 55.0}}
     return meta
 
 
@@ -186,15 +197,15 @@ def test_csv_byte_layout(tmp_path):
 def test_meta_yaml_holds_every_official_field(system):
     meta = yaml.safe_load((system / f"{LABEL}.meta.yaml").read_text())
     assert meta["submission"]["label"] == LABEL
-    assert meta["submission"]["authors"][0]["email"] == "ann@uni.example"
+    assert meta["submission"]["authors"] == [AUTHOR]
     assert set(meta["system"]["description"]) == set(submission.DESCRIPTION_FIELDS)
     assert meta["system"]["description"]["machine_learning_method"] == "KNN"
     assert meta["system"]["description"]["input_sampling_rate"] == "16kHz"
     assert {"complexity", "external_datasets", "source_code"} <= set(meta["system"])
     assert meta["results"]["development_dataset"]["fan"] == {
-        "auc_source": 0.71,
-        "auc_target": 0.62,
-        "pauc": 0.55,
+        "auc_source": 71.0,
+        "auc_target": 62.0,
+        "pauc": 55.0,
     }
 
 
@@ -206,12 +217,9 @@ def test_development_results_come_from_a_results_table(tmp_path):
     table = results_table({LABEL: frame})
     results = development_results(table)
     machine = table[table["level"] == "machine"].iloc[0]
-    assert results["development_dataset"]["fan"] == {
-        "auc_source": machine["auc_source"],
-        "auc_target": machine["auc_target"],
-        "pauc": machine["pauc"],
+    assert results["development_dataset"] == {  # percent with two decimals, as the 2026 template
+        "fan": {field: round(100 * machine[field], 2) for field in ("auc_source", "auc_target", "pauc")}
     }
-    assert results["development_dataset"]["overall"]["official_score"] == table.iloc[-1]["hmean"]
     meta = filled_meta() | {"results": results}
     assert validate(write_system(tmp_path, LABEL, make_scores(), THRESHOLDS, meta)) == []
     with pytest.raises(ValueError, match="several systems"):
@@ -306,8 +314,45 @@ def test_development_results_come_from_a_results_table(tmp_path):
             LABEL,
             None,
             None,
-            lambda m: m["results"]["development_dataset"]["fan"].update(pauc=1.5),
-            r"development_dataset.fan.pauc must be a number in \[0, 1\], got 1.5",
+            lambda m: m["results"]["development_dataset"]["fan"].update(pauc=101.5),
+            r"development_dataset.fan.pauc must be a percentage in \[0, 100\], got 101.5",
+        ),
+        (
+            LABEL,
+            None,
+            None,
+            lambda m: m["results"]["development_dataset"].update(
+                fan={"auc_source": 0.7, "auc_target": 0.6, "pauc": 0.5}
+            ),
+            "they look like fractions",
+        ),
+        (
+            LABEL,
+            None,
+            None,
+            lambda m: m["submission"]["authors"][0].update(email="kit@example.org"),
+            "placeholder address",
+        ),
+        (
+            LABEL,
+            None,
+            None,
+            lambda m: m["submission"]["authors"][0].update(email="ann at uni"),
+            "is not an e-mail address",
+        ),
+        (
+            LABEL,
+            None,
+            None,
+            lambda m: m["submission"]["authors"][0].update(affiliation={"department": "x"}),
+            "affiliation needs an institution",
+        ),
+        (
+            LABEL,
+            None,
+            None,
+            lambda m: m["system"]["description"].update(ensemble_method_subsystem_count=0),
+            "ensemble_method_subsystem_count must be a whole number >= 1",
         ),
     ],
 )
@@ -564,3 +609,111 @@ def test_command_valid_zip_and_bad_path(system, tmp_path, capsys):
     assert zip_path.is_file()
     assert submission.main(["validate", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Authors, per-system meta and the development files
+# --------------------------------------------------------------------------------------------------
+
+
+def test_authors_come_from_the_users_file_or_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(submission.AUTHORS_VARIABLE, raising=False)
+    assert submission.load_authors() is None
+    single = dict(AUTHOR)
+    single.pop("corresponding")
+    path = tmp_path / "authors.yaml"
+    path.write_text(yaml.safe_dump({"authors": [single]}))
+    assert submission.load_authors(path) == [AUTHOR]  # a single author is the corresponding one
+    monkeypatch.setenv(submission.AUTHORS_VARIABLE, str(path))
+    assert submission.load_authors() == [AUTHOR]
+    with pytest.raises(FileNotFoundError, match="authors file .*nope.yaml not found"):
+        submission.load_authors(tmp_path / "nope.yaml")
+    path.write_text(yaml.safe_dump([dict(AUTHOR, email="me@example.com")]))
+    with pytest.raises(ValueError, match=r"authors\.yaml is incomplete:\n.*placeholder address"):
+        submission.load_authors(path)
+    path.write_text("authors: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        submission.load_authors(path)
+    example = yaml.safe_load((REPO / "authors.example.yaml").read_text())
+    assert submission.author_problems(example["authors"], "example") == [
+        "example: submission.authors[0].email 'jane.doe@example.org' is a placeholder address (a reserved "
+        "example domain)"
+    ]  # the committed example must be edited before it can be used
+
+
+def test_system_meta_fills_the_computed_fields(tmp_path):
+    described = {
+        "submission": {"name": "BEATs ArcFace 1-NN", "abbreviation": "BEATs1NN"},
+        "system": {"description": {"embeddings": "BEATs"}},
+    }
+    meta = submission.system_meta(described, authors=[AUTHOR], subsystems=3, parameters=271_000_000)
+    assert meta["system"]["description"]["ensemble_method_subsystem_count"] == 3
+    assert meta["system"]["complexity"]["total_parameters"] == 271_000_000
+    assert meta["system"]["description"]["embeddings"] == "BEATs"
+    assert meta["submission"]["authors"] == [AUTHOR]
+    with pytest.raises(ValueError, match="unknown meta field 'system.description.embedings'"):
+        submission.system_meta(
+            {"system": {"description": {"embedings": "x"}}}, authors=[AUTHOR], subsystems=1, parameters=1
+        )
+
+
+def _dev_scores(seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for machine in ("fan", "valve"):
+        for i in range(20):
+            rows.append(
+                (
+                    "dev",
+                    machine,
+                    "00",
+                    "train",
+                    f"section_00_source_train_normal_{i:04d}_a_1.wav",
+                    "source",
+                    "normal",
+                )
+            )
+        for i, (domain, label) in enumerate(
+            [(d, lab) for d in ("source", "target") for lab in ("normal", "anomaly")] * 3
+        ):
+            rows.append(
+                (
+                    "dev",
+                    machine,
+                    "00",
+                    "test",
+                    f"section_00_{domain}_test_{label}_{i:04d}_a_1.wav",
+                    domain,
+                    label,
+                )
+            )
+    frame = pd.DataFrame(
+        rows, columns=["dataset", "machine", "section", "split", "file_name", "domain", "label"]
+    )
+    return frame.assign(channel="near", score=rng.gamma(2.0, size=len(frame)) + (frame["label"] == "anomaly"))
+
+
+def test_development_files_are_official_csvs_of_the_dev_test_clips(tmp_path):
+    systems = {"a-knn-near": _dev_scores(0), "fusion": _dev_scores(1)}
+    written = submission.write_development_files(tmp_path / "dev", systems)
+    assert sorted(written) == ["a-knn-near", "fusion"]
+    for name, folder in written.items():
+        files = sorted(p.name for p in folder.iterdir())
+        assert files == [
+            "anomaly_score_fan_section_00_test.csv",
+            "anomaly_score_valve_section_00_test.csv",
+            "decision_result_fan_section_00_test.csv",
+            "decision_result_valve_section_00_test.csv",
+        ]
+        scores = systems[name]
+        test = scores[(scores["split"] == "test") & (scores["machine"] == "fan")].sort_values("file_name")
+        back = pd.read_csv(
+            folder / "anomaly_score_fan_section_00_test.csv", header=None, names=["file_name", "score"]
+        )
+        assert back["file_name"].tolist() == test["file_name"].tolist()
+        np.testing.assert_array_equal(back["score"].to_numpy(), test["score"].to_numpy())
+        train = scores[(scores["split"] == "train") & (scores["machine"] == "fan")]["score"]
+        decisions = pd.read_csv(folder / "decision_result_fan_section_00_test.csv", header=None)[1]
+        assert decisions.tolist() == (back["score"] > gamma_threshold(train)).astype(int).tolist()
+    with pytest.raises(ValueError, match="no development test scores"):
+        submission.write_development_files(tmp_path / "x", {"e": _dev_scores(0).assign(dataset="eval")})

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.signal
 import soundfile as sf
 
-from kit import synth, synth_check
+from kit import denoise, synth, synth_check
 
 DEV_NAME = re.compile(
     r"^section_00_(source|target)_(train|test)_(normal|anomaly)_(\d{4})_(noAttribute|[A-Za-z]+_[^_]+(_[A-Za-z]+_[^_]+)*)\.wav$"
@@ -153,19 +154,73 @@ def test_generation_is_deterministic_whatever_the_workers(dataset, tmp_path):
     assert a.read_bytes() != (other_seed / a.relative_to(dataset)).read_bytes()
 
 
-def test_far_channel_has_lower_machine_to_noise_ratio(dataset):
-    for plan in synth.plan_machine("SynValve", scale=0.1)[::4]:
+def _db(signal: np.ndarray, reference: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(np.square(signal, dtype=np.float64)) / np.sum(np.square(reference))))
+
+
+def _levels(machine: str, count: int = 3) -> np.ndarray:
+    """(near SNR, far SNR, far machine vs near machine, far noise vs near noise) in dB, per clip."""
+    rows = []
+    for plan in synth.plan_machine(machine, scale=0.1)[:count]:
         clip = synth.render_clip(plan, seed=0)
+        near_noise, far_noise = clip.near - clip.near_machine, clip.far - clip.far_machine
+        rows.append(
+            (
+                _db(clip.near_machine, near_noise),
+                _db(clip.far_machine, far_noise),
+                _db(clip.far_machine, clip.near_machine),
+                _db(far_noise, near_noise),
+            )
+        )
+    return np.array(rows)
 
-        def ratio_db(channel: np.ndarray, machine: np.ndarray) -> float:
-            return 10 * np.log10(np.sum(machine**2) / np.sum((channel - machine) ** 2))
 
-        assert ratio_db(clip.near, clip.near_machine) > ratio_db(clip.far, clip.far_machine) + 4.0
+@pytest.mark.parametrize("machine", list(synth.MACHINES))
+def test_measured_levels_follow_the_machine_types_ranges(machine):
+    spec, levels = synth.MACHINES[machine], _levels(machine)
+    tolerance = 0.01  # levels are set by RMS, exactly
+    for column, (low, high) in zip(
+        (0, 2, 3), (spec.near_snr_db, spec.far_machine_db, synth.FAR_NOISE_GAIN_DB)
+    ):
+        assert np.all((levels[:, column] >= low - tolerance) & (levels[:, column] <= high + tolerance))
+    assert np.all(levels[:, 1] < levels[:, 0] - 4.0)  # the far channel is the noisier one
+
+
+def test_noise_matters_near_and_far_leakage_differs_between_machines():
+    near_snr = {m: _levels(m)[:, 0].mean() for m in synth.MACHINES}
+    leakage = {m: _levels(m)[:, 2].mean() for m in synth.MACHINES}
+    assert min(near_snr.values()) < 5.0 and max(near_snr.values()) > 8.0  # 2026-like: some near 0-5 dB
+    assert leakage["SynValve"] > -3.5 and leakage["SynMotor"] < -14.5  # far holds much / little machine
+    assert max(leakage.values()) - min(leakage.values()) > 10.0
+
+
+def test_near_and_far_noise_come_through_different_paths():
+    plan = synth.plan_machine("SynMotor", scale=0.1)[0]
+    clip = synth.render_clip(plan, seed=0)
+    near, far = clip.near - clip.near_machine, clip.far - clip.far_machine
+    gain = np.dot(near, far) / np.dot(far, far)
+    assert _db(near - gain * far, near) > -3.0  # not one signal up to a gain: delay and filters differ
+    lags = np.arange(-400, 401)
+    xcorr = [np.dot(near[400 + lag : len(near) - 400 + lag], far[400 : len(far) - 400]) for lag in lags]
+    delay = lags[int(np.argmax(np.abs(xcorr)))]
+    low, high = synth.NOISE_PATH_DELAY_S
+    assert low * 16000 - 1 <= delay <= high * 16000 + 1  # the near microphone hears the noise later
+    # coherent enough to be a reference, not perfectly: each microphone has its own diffuse noise
+    freqs, coherence = scipy.signal.coherence(near, far, fs=16000, nperseg=1024)
+    band = (freqs > 100) & (freqs < 2000)  # where the environment has its energy
+    assert 0.5 < np.median(coherence[band]) and np.max(coherence) < 0.99
+
+
+def test_the_written_file_is_the_re_rendered_clip(dataset):
+    for plan in synth.plan_machine("SynValve", scale=0.1)[::5]:
+        clip = synth.render_clip(plan, seed=0)
         written, _ = sf.read(dataset / plan.relative_path, dtype="float32")
-        near_corr = np.corrcoef(written[:, 0], clip.near_machine)[0, 1]
-        far_corr = np.corrcoef(written[:, 1], clip.near_machine)[0, 1]
-        assert near_corr > 0.9 and far_corr < near_corr - 0.2
         np.testing.assert_allclose(written[:, 0], clip.near, atol=1.0 / 32768)
+        np.testing.assert_allclose(written[:, 1], clip.far, atol=1.0 / 32768)
+        clean = synth_check.clean_source(dataset)(dataset / plan.relative_path)
+        np.testing.assert_allclose(clean, clip.near_machine, atol=1.0 / 32768)
+        low, high = synth.MACHINES["SynValve"].near_snr_db
+        assert low - 0.1 < _db(clean, written[:, 0] - clean) < high + 0.1
 
 
 def test_attributes_and_anomalies_change_the_sound():
@@ -270,10 +325,13 @@ def test_unknown_machine_plan_raises():
         synth.plan_machine("Fan")
 
 
-def test_check_scores_a_development_set(dataset):
-    results = synth_check.check(dataset, progress=False)
-    assert set(results) == {"near", "far"}
-    for result in results.values():
+def test_check_scores_every_channel_of_a_development_set(dataset):
+    assert synth_check.channel_names(dataset) == ["clean", "near", "far", *denoise.CANCELLERS]
+    channels = ["clean", "near", "far", "w1", "wl"]
+    results = synth_check.check(dataset, channels=channels, progress=False)
+    assert [c for c in results if c != synth_check.LEVELS] == channels
+    for channel in channels:
+        result = results[channel]
         table = result["sections"]
         assert list(table["machine"]) == ["SynValve"]
         values = table[["auc_source", "auc_target", "pauc"]].to_numpy()
@@ -281,7 +339,28 @@ def test_check_scores_a_development_set(dataset):
         accuracy, chance = result["attributes"]["SynValve"]
         assert 0 <= accuracy <= 1 and 0 < chance < 1
         assert set(result["kinds"]["machine"]) == {"SynValve"}
-    assert "near channel: official score" in synth_check.report(results)
+    levels = results[synth_check.LEVELS]
+    assert list(levels["machine"]) == ["SynValve"]
+    near_min, _, near_max = (float(v) for v in levels["near SNR"].iloc[0].split(" / "))
+    low, high = synth.MACHINES["SynValve"].near_snr_db
+    assert low - 0.1 <= near_min <= near_max <= high + 0.1
+    text = synth_check.report(results)
+    assert "near channel: official score" in text and "measured levels" in text
+    assert list(synth_check.summary_table(results)["channel"]) == channels
+
+
+def test_channels_of_a_mono_dataset_and_of_an_older_generator(dataset, tmp_path):
+    mono = tmp_path / "mono"
+    synth.generate(mono, layout="mono", workers=1, **{**SMALL, "machines": ["SynValve"]})
+    assert synth_check.channel_names(mono) == ["clean", "near"]
+    with pytest.raises(ValueError, match="needs a stereo clip"):
+        synth_check.check(mono, channels=["far"], progress=False)
+    manifest = json.loads((mono / synth.MANIFEST_NAME).read_text())
+    (mono / synth.MANIFEST_NAME).write_text(json.dumps({**manifest, "generator_version": 1}))
+    with pytest.raises(ValueError, match="cannot be re-rendered"):
+        synth_check.check(mono, channels=["clean"], progress=False)
+    with pytest.raises(ValueError, match="unknown or no channels"):
+        synth_check.check(dataset, channels=["wiener"], progress=False)
 
 
 def test_calibration_failures_name_the_missed_condition():
@@ -291,14 +370,14 @@ def test_calibration_failures_name_the_missed_condition():
             "sections": pd.DataFrame({"auc_source": [source], "auc_target": [target]}),
         }
 
-    assert (
-        synth_check.calibration_failures({"near": result(0.7, 0.8, 0.6), "far": result(0.5, 0.6, 0.4)}) == []
-    )
+    good = {"clean": result(0.8, 0.9, 0.7), "near": result(0.7, 0.8, 0.6), "far": result(0.5, 0.6, 0.4)}
+    assert synth_check.calibration_failures(good) == []
     failures = synth_check.calibration_failures(
-        {"near": result(0.9, 0.6, 0.7), "far": result(0.95, 0.9, 0.9)}
+        {"clean": result(0.92, 0.9, 0.9), "near": result(0.9, 0.6, 0.7), "far": result(0.95, 0.9, 0.9)}
     )
-    assert len(failures) == 3
+    assert len(failures) == 4
     assert "outside [0.55, 0.8]" in failures[0] and "target" in failures[1] and "far" in failures[2]
+    assert "clean signal not clearly easier" in failures[3]
 
 
 def test_check_rejects_missing_or_misnamed_data(tmp_path):

@@ -3,7 +3,9 @@ DDP with two gloo processes follows the same loss trend; embeddings are cached."
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,8 +139,14 @@ def test_lora_trains_adapters_only(tone_index, tmp_path, backbone):
 
 
 def test_bad_configuration_is_named(tone_index, tmp_path):
-    with pytest.raises(ValueError, match="unknown training parameter"):
+    with pytest.raises(
+        ValueError, match=r"unknown training setting\(s\) \['stepz'\]; valid settings: .*'steps'"
+    ):
         train.TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="label scheme"):
+        train.TrainConfig.from_dict({"label_scheme": "attributes"})
+    with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
+        train.TrainConfig.from_dict({"head_lr_scale": 0})
     with pytest.raises(ValueError, match="mode"):
         train.TrainConfig.from_dict({"mode": "half"})
     with pytest.raises(ValueError, match="channels"):
@@ -250,3 +258,248 @@ def test_embedding_bad_input_is_named(tone_index, tmp_path):
         embed.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="run its notebook first"):
         embed.latest(tmp_path, "beats")
+
+
+def test_training_items_carry_their_true_length(tone_index):
+    """A 1-s clip cropped to 1.5 s is zero-padded: its valid length is 1 s, so the backbone masks the
+    padding, unless the recipe feeds the padding as input (EAT-ASP: mask_padding=False)."""
+    items = tone_index.assign(channel="near").iloc[:3]
+    codes = np.zeros(len(items), dtype=np.int64)
+    length = data.LengthPolicy(mode="pad_or_cut", seconds=1.5)
+    masked = train.TrainItems(items, codes, length, [items["path"].iloc[0]], mask_padding=True)
+    as_input = train.TrainItems(items, codes, length, [], mask_padding=False)
+    waves, valid, noise, noise_valid, _ = train._collate([masked[(0, 1)], masked[(1, 2)]])
+    assert waves.shape == (2, 24000) and valid.tolist() == [SR, SR] and noise_valid.tolist() == [SR, SR]
+    assert waves[:, SR:].abs().max() == 0 and noise.shape == (2, 24000)
+    _, valid, _, noise_valid, _ = train._collate([as_input[(0, 1)]])
+    assert valid.tolist() == [24000] and noise_valid.tolist() == [0]
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_padding_is_masked_at_extraction_unless_fed_as_input(tone_index):
+    """Padded to 1.5 s with the padding masked, a clip embeds as the clip alone (the backbones are batch
+    invariant); fed as input, the zeros change the embedding. A fixed-length backbone that would cut the
+    input warns."""
+    torch.manual_seed(0)
+    embedder = train.build_embedder(_cfg(head="mean")).eval()
+    clips = tone_index.iloc[:2]
+    kwargs = dict(channels=("near",), progress=False)
+    _, plain = embed.compute_embeddings(embedder, clips, **kwargs)
+    padded = data.LengthPolicy(mode="pad_or_cut", seconds=1.5)
+    _, masked = embed.compute_embeddings(embedder, clips, length=padded, **kwargs)
+    _, as_input = embed.compute_embeddings(embedder, clips, length=padded, mask_padding=False, **kwargs)
+    np.testing.assert_allclose(masked, plain, atol=1e-5)
+    assert np.abs(as_input - plain).max() > 1e-3
+    eat = train.build_embedder(_cfg(backbone="eat", backbone_options={"target_length": 64})).eval()
+    with pytest.warns(UserWarning, match="at most 0.64 s of input"):
+        embed.compute_embeddings(eat, clips, **kwargs)
+
+
+def test_extraction_settings_are_checked():
+    settings = embed.ExtractConfig.from_dict(
+        {"length_mode": "pad_or_cut", "seconds": 16.0, "channels": "near"}
+    )
+    assert settings.channels == ("near",) and settings.kwargs()["length"].n_samples == 16 * SR
+    with pytest.raises(ValueError, match=r"unknown extraction setting\(s\) \['window'\]; valid settings"):
+        embed.ExtractConfig.from_dict({"window": 5.0})
+    with pytest.raises(ValueError, match="needs seconds"):
+        embed.ExtractConfig.from_dict({"length_mode": "pad_or_cut"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume, checkpoints and failures (issue: fast on the GPUs users have)
+# --------------------------------------------------------------------------------------------------
+
+
+def _weights(folder: Path) -> dict:
+    return torch.load(folder / "model.pt", weights_only=True)["state"]
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_a_resumed_run_with_other_workers_ends_with_identical_weights(tone_index, tmp_path):
+    cfg = _cfg(steps=6, checkpoint_every=None, num_workers=0, spec_augment=True, mixup_alpha=0.4)
+    whole = train.train(tone_index, cfg, tmp_path / "whole", progress=False)
+    part = train.train(tone_index, cfg, tmp_path / "split", progress=False, stop_after=2)
+    assert (part / "checkpoints" / "last.pt").exists()  # written at the end of the call, by time otherwise
+    resumed = dataclasses.replace(cfg, num_workers=2, prefetch_factor=3, checkpoint_minutes=5.0)
+    train.train(tone_index, resumed, tmp_path / "split", progress=False)
+    a, b = _weights(whole), _weights(part)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert not (part / "checkpoints" / "last.pt").exists()  # only model.pt stays (keep_checkpoint=False)
+    history = pd.read_csv(part / "history.csv")
+    assert history["step"].tolist() == list(range(1, 7)) and (history["seconds"] > 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_changed_settings_are_refused_by_name_and_a_finished_run_is_not_retrained(tone_index, tmp_path):
+    cfg = _cfg(steps=3)
+    train.train(tone_index, cfg, tmp_path, progress=False, stop_after=1)
+    with pytest.raises(
+        ValueError, match=r"other training settings \(lr: 0.001 -> 0.0005\); use another name"
+    ):
+        train.train(tone_index, dataclasses.replace(cfg, lr=5e-4), tmp_path, progress=False)
+    out = train.train(tone_index, cfg, tmp_path, progress=False)
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert train.train(tone_index, dataclasses.replace(cfg, num_workers=1), tmp_path, progress=False) == out
+    assert (out / "model.pt").stat().st_mtime_ns == stamp  # found finished: not trained again
+    with pytest.raises(
+        ValueError, match=r"model.pt was written with other training settings \(steps: 3 -> 4\)"
+    ):
+        train.train(tone_index, dataclasses.replace(cfg, steps=4), tmp_path, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_a_moved_pretrained_checkpoint_with_the_same_content_resumes(tone_index, tmp_path, backbone_fixtures):
+    first, moved = tmp_path / "a" / "BEATs.pt", tmp_path / "b" / "BEATs.pt"
+    for path in (first, moved):
+        path.parent.mkdir()
+        shutil.copy(backbone_fixtures / "beats_release.pt", path)
+    cfg = _cfg(steps=2, checkpoint=str(first), backbone_config=None)
+    train.train(tone_index, cfg, tmp_path / "run", progress=False, stop_after=1)
+    first.unlink()
+    train.train(tone_index, dataclasses.replace(cfg, checkpoint=str(moved)), tmp_path / "run", progress=False)
+    other = tmp_path / "c" / "BEATs.pt"
+    other.parent.mkdir()
+    torch.save({**torch.load(moved, weights_only=True), "extra": 1}, other)
+    with pytest.raises(
+        ValueError, match=r"other training settings \(checkpoint: .*b/BEATs.pt' -> .*c/BEATs.pt'\)"
+    ):
+        train.train(
+            tone_index, dataclasses.replace(cfg, checkpoint=str(other)), tmp_path / "run", progress=False
+        )
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_checkpoints_follow_the_clock(tone_index, tmp_path, monkeypatch):
+    saved = []
+    real = train._save_checkpoint
+    monkeypatch.setattr(
+        train, "_save_checkpoint", lambda path, *a, **k: (saved.append(a[4]), real(path, *a, **k))
+    )
+    train.train(
+        tone_index,
+        _cfg(steps=4, checkpoint_every=None, checkpoint_minutes=60.0),
+        tmp_path / "a",
+        progress=False,
+    )
+    assert saved == [4]  # only at the end
+    saved.clear()
+    train.train(
+        tone_index,
+        _cfg(steps=4, checkpoint_every=None, checkpoint_minutes=1e-9),
+        tmp_path / "b",
+        progress=False,
+    )
+    assert saved == [1, 2, 3, 4]  # the interval passed after every step
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_a_nan_loss_stops_with_the_step_and_what_to_try(tone_index, tmp_path, monkeypatch):
+    real = train.ProxyTask.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        loss, acc = real(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), acc
+
+    monkeypatch.setattr(train.ProxyTask, "forward", forward)
+    cfg = _cfg(steps=6, checkpoint_every=1)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"loss became nan at step 3 \(fp32\); the last finite loss was .* at step 2.*lower lr",
+    ):
+        train.train(tone_index, cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "t" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 2  # the diverged step never reached a checkpoint
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # a skipped fp16 step
+def test_the_fp16_scaler_path_trains_on_the_cpu(tone_index, tmp_path, monkeypatch):
+    from kit import precision
+
+    forced = precision.Precision("fp16", "cpu", reason="forced by the test")
+    monkeypatch.setattr(precision, "resolve", lambda *a, **k: forced)
+    out = train.train(tone_index, _cfg(steps=3), tmp_path, progress=False)
+    assert forced.scaler.is_enabled() and forced.scaler.get_scale() > 0
+    assert all(torch.isfinite(v).all() for v in _weights(out).values())
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tone_index, tmp_path, monkeypatch):
+    cfg = _cfg(steps=4, checkpoint_every=1)
+    train.train(tone_index, cfg, tmp_path, progress=False, stop_after=1)
+    before = (tmp_path / "t" / "checkpoints" / "last.pt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(
+        OSError, match=r"cannot write the checkpoint .*last.pt \(No space left on device\); the previous"
+    ):
+        train.train(tone_index, cfg, tmp_path, progress=False)
+    assert (tmp_path / "t" / "checkpoints" / "last.pt").read_bytes() == before
+    assert [p.name for p in (tmp_path / "t" / "checkpoints").iterdir()] == ["last.pt"]  # no temporary left
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_an_unreadable_clip_in_a_loader_worker_is_named(tone_index, tmp_path):
+    broken = tone_index.copy()
+    bad = tmp_path / "section_00_source_train_normal_0099_spd_1.wav"
+    bad.write_bytes(b"RIFF not really a wave file")
+    broken.loc[broken.index, "path"] = str(bad)
+    with pytest.raises(Exception, match=r"unreadable or corrupt audio file .*0099_spd_1.wav"):
+        train.train(broken, _cfg(steps=2, num_workers=1), tmp_path, progress=False)
+    assert not (tmp_path / "t" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_a_release_size_model_refuses_to_train_on_the_cpu_unless_allowed(tone_index, tmp_path, monkeypatch):
+    from kit import precision
+
+    monkeypatch.setattr(precision, "RELEASE_SIZE_PARAMETERS", 1000)  # the unit model counts as release size
+    with pytest.raises(
+        RuntimeError, match=r"M-parameter backbone on a CPU takes days; use a GPU .*allow_cpu: true"
+    ):
+        train.train(tone_index, _cfg(steps=1), tmp_path, progress=False)
+    assert (
+        train.train(tone_index, _cfg(steps=1, allow_cpu=True), tmp_path, progress=False) / "model.pt"
+    ).exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_a_canceller_is_a_channel_like_any_other(tone_index, tmp_path):
+    """Training and extraction take a far-channel canceller by name; its embedding is the embedding of
+    the cancelled clip; its settings are part of the cache key; a mono clip gets a clear error."""
+    from kit import denoise
+
+    out = train.train(tone_index, _cfg(steps=2, channels=("near", "w1")), tmp_path, progress=False)
+    embedder = train.load_embedder(out)
+    clips = tone_index.iloc[:3]
+    meta, emb, folder = embed.extract(embedder, clips, tmp_path, "x", channels=("near", "w1"), progress=False)
+    assert meta["channel"].tolist() == ["near"] * 3 + ["w1"] * 3
+    pair = data.load_audio(clips["path"].iloc[1], channel="both")
+    cancelled = torch.from_numpy(denoise.cancel_numpy(pair, "w1"))[None]
+    with torch.no_grad():
+        expected = embedder(cancelled, torch.tensor([cancelled.shape[1]])).numpy()[0]
+    np.testing.assert_allclose(emb[4], expected, atol=1e-5)
+    stronger = embed.extract(
+        embedder,
+        clips,
+        tmp_path,
+        "x",
+        channels=("near", "w1"),
+        front_end_settings={"w1": {"eps": 1e-2}},
+        progress=False,
+    )
+    assert stronger[2] != folder and not np.allclose(stronger[1][3:], emb[3:])
+    with pytest.raises(ValueError, match="unknown channel 'w9'"):
+        embed.ExtractConfig.from_dict({"channels": ["near", "w9"]})
+    mono = clips.assign(channels=1)
+    with pytest.raises(ValueError, match="channel 'w1' needs the far microphone but .* is mono"):
+        embed.compute_embeddings(embedder, mono, channels=("w1",), progress=False)
+    with pytest.raises(ValueError, match="channel 'ss' needs the far microphone"):
+        train.training_items(mono, _cfg(channels=("ss",)))

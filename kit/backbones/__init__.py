@@ -1,6 +1,7 @@
 """One door to every pretrained audio backbone: ``kit.backbones.load(name, checkpoint, **options)``.
 
-Each backbone lives in its own file (``beats.py``, ``eat.py``, ``fisher.py``) holding its config,
+Each backbone lives in its own file (``beats.py``, ``eat.py``, ``fisher.py``; ``cnn.py``, a compact
+network trained from scratch; ``logmel.py``, the training-free log-mel frames) holding its config,
 layers, front-end and checkpoint loader, and answers the same small interface (:class:`Backbone`):
 
 - ``model(waves [B, T] float at 16 kHz, lengths [B] samples) -> (tokens [B, N, D], padding_mask [B, N])``
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BACKBONES = ("beats", "eat", "fisher")
+BACKBONES = ("beats", "eat", "fisher", "cnn", "logmel")
 DEFAULT_CACHE = Path(os.environ.get("KIT_CACHE", Path.home() / ".cache" / "dcase2026-kit"))
 
 
@@ -51,6 +52,9 @@ class Backbone(nn.Module):
     embed_dim: int = 0
     lora_target_modules: str = ""
     pretrained: bool = False
+    # True for backbones meant to be trained from scratch (cnn) or that have nothing to train
+    # (logmel): random initialisation is their normal start, so load() does not warn about it.
+    trains_from_scratch: bool = False
     sample_rate: int = 16000
 
     def __init__(self) -> None:
@@ -144,11 +148,12 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     **options,
 ) -> Backbone:
-    """Build backbone ``name`` (``beats``, ``eat`` or ``fisher``).
+    """Build backbone ``name`` (``beats``, ``eat``, ``fisher``, ``cnn`` or ``logmel``).
 
     With a ``checkpoint`` the released weights are loaded exactly (strict key check); without one,
     the named random-initialisation ``config`` (default: the module's small CPU configuration) is
-    built and a warning says that no pretrained weights are in use. ``options`` are backbone
+    built and a warning says that no pretrained weights are in use (not for the backbones whose
+    ``trains_from_scratch`` is True: ``cnn``, made to train from scratch, and the weightless ``logmel``). ``options`` are backbone
     specific (EAT: ``target_length``; FISHER: ``pad_to``).
     """
     module = _module(name)
@@ -158,12 +163,13 @@ def load(
             raise ValueError(
                 f"unknown {name} config {config!r}: expected one of {', '.join(sorted(module.CONFIGS))}"
             )
-        warnings.warn(
-            f"{name}: no checkpoint given, building the '{config}' configuration from random initialisation "
-            "- NO PRETRAINED WEIGHTS ARE IN USE",
-            stacklevel=2,
-        )
         model = module.build(config, **options)
+        if not model.trains_from_scratch:
+            warnings.warn(
+                f"{name}: no checkpoint given, building the '{config}' configuration from random "
+                "initialisation - NO PRETRAINED WEIGHTS ARE IN USE",
+                stacklevel=2,
+            )
         model.pretrained = False
         return model
     path = resolve_checkpoint(checkpoint, cache_dir)

@@ -168,6 +168,11 @@ class EAT(Backbone):
         self.pre_norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
 
+    @property
+    def max_input_seconds(self) -> float:
+        """Frames past ``target_length`` (10 ms each) are cut off by the front-end."""
+        return self.target_length / 100.0
+
     def frontend(
         self, waves: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

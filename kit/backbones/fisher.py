@@ -20,9 +20,10 @@ prepended, LayerNorm, then the blocks (post-LN in every release).
 
 Two paths, chosen by ``pad_to``; they give DIFFERENT embeddings for clips shorter than 1024 frames:
 
-- ``pad_to=None``: the FISHER README's path. The spectrum as is (cut to 1024 frames, as the README
-  does); in a zero-padded batch the padded time patches are masked as attention keys, so each clip
-  gets exactly its single-clip output.
+- ``pad_to=None``: the FISHER README's path. The spectrum as is, the whole clip (the README's
+  script also cuts it to 1024 frames = 10.24 s, which drops the end of a 16-s clip: ``max_frames=1024``
+  does that); in a zero-padded batch the padded time patches are masked as attention keys, so each
+  clip gets exactly its single-clip output.
 - ``pad_to=1024`` (or another frame count): the authors' RMIS benchmark path. The normalised
   spectrum is zero-padded (or cut) to ``pad_to`` frames first, and the padding is attended to as
   content, as in their code. Every clip is padded on its own, so a batch needs no mask.
@@ -52,7 +53,7 @@ SAMPLE_RATE = 16000
 SPEC_OFFSET = 3.017344307886898  # the authors' normalisation: (x + offset) / scale
 SPEC_SCALE = 2 * 2.1531635155379805
 LOG_FLOOR = 1e-10
-README_MAX_FRAMES = 1024  # the README cuts longer spectra to 1024 frames (10.24 s)
+README_MAX_FRAMES = 1024  # the README cuts longer spectra to 1024 frames (10.24 s): max_frames=1024
 
 
 @dataclass(frozen=True)
@@ -165,13 +166,16 @@ class Block(nn.Module):
 class Fisher(Backbone):
     """FISHER: ``forward(waves [B, S], lengths [B]) -> (band CLS tokens [B, n_bands, D], mask [B, n_bands])``.
 
-    ``pad_to=None`` is the README path (spectrum as is, padded patches masked in a batch);
-    ``pad_to=1024`` is the RMIS benchmark path (spectrum zero-padded to 1024 frames, padding attended).
+    ``pad_to=None`` is the README path (spectrum as is, padded patches masked in a batch; with
+    ``max_frames`` cut to that many frames); ``pad_to=1024`` is the RMIS benchmark path (spectrum
+    zero-padded to 1024 frames, padding attended).
     """
 
     name = "fisher"
 
-    def __init__(self, config: FisherConfig, pad_to: int | None = None) -> None:
+    def __init__(
+        self, config: FisherConfig, pad_to: int | None = None, max_frames: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.embed_dim = config.embed_dim
@@ -182,7 +186,10 @@ class Fisher(Backbone):
         if self.n_bands == 0:
             raise ValueError(f"band_width {config.band_width} exceeds the {self.n_fft // 2 + 1} STFT bins")
         self.freq_patches = config.band_width // config.patch_size
-        self.pad_to = self._checked_pad_to(pad_to)
+        self.pad_to = self._checked_frames("pad_to", pad_to)
+        self.max_frames = self._checked_frames("max_frames", max_frames)
+        if pad_to is not None and max_frames is not None:
+            raise ValueError("pad_to and max_frames exclude each other: pad_to already fixes the frame count")
 
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
         dim = config.embed_dim
@@ -196,17 +203,24 @@ class Fisher(Backbone):
         self.norm = norm() if config.layer_norm_first else None
         self._init_weights()
 
-    def _checked_pad_to(self, pad_to: int | None) -> int | None:
-        frames = README_MAX_FRAMES if pad_to is None else pad_to
+    def _checked_frames(self, what: str, frames: int | None) -> int | None:
+        if frames is None:
+            return None
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise ValueError(f"pad_to {pad_to!r}: expected None or a positive number of frames (e.g. 1024)")
+            raise ValueError(f"{what} {frames!r}: expected None or a positive number of frames (e.g. 1024)")
         tokens = frames // self.config.patch_size * self.freq_patches
         table = self.config.max_length * self.config.max_freq
         if tokens > table:
             raise ValueError(
-                f"pad_to {pad_to} gives {tokens} patches per band, more than the {table} positions"
+                f"{what} {frames} gives {tokens} patches per band, more than the {table} positions"
             )
-        return pad_to
+        return frames
+
+    @property
+    def max_input_seconds(self) -> float | None:
+        """Input past this is cut off (``pad_to`` or ``max_frames`` frames of 10 ms); None: any length."""
+        frames = self.pad_to or self.max_frames
+        return None if frames is None else frames / 100.0
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -266,7 +280,9 @@ class Fisher(Backbone):
     def _fit_frames(self, spec: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the chosen path: README cut, or pad/cut to ``pad_to`` with the padding kept as content."""
         if self.pad_to is None:
-            return spec[:, :README_MAX_FRAMES], frames.clamp(max=README_MAX_FRAMES)
+            if self.max_frames is None:
+                return spec, frames
+            return spec[:, : self.max_frames], frames.clamp(max=self.max_frames)
         spec = F.pad(spec, (0, 0, 0, max(0, self.pad_to - spec.shape[1])))[:, : self.pad_to]
         return spec, torch.full_like(frames, self.pad_to)
 
@@ -331,7 +347,7 @@ class Fisher(Backbone):
         return self(waves, lengths)[0].flatten(1)
 
 
-def build(config_name: str, pad_to: int | None = None, **options) -> Fisher:
+def build(config_name: str, pad_to: int | None = None, max_frames: int | None = None, **options) -> Fisher:
     """Random-initialised FISHER of a named size; ``options`` override :class:`FisherConfig` fields."""
     if config_name not in CONFIGS:
         raise ValueError(
@@ -340,8 +356,10 @@ def build(config_name: str, pad_to: int | None = None, **options) -> Fisher:
     fields = {f.name for f in dataclasses.fields(FisherConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise ValueError(f"unknown FISHER option(s) {unknown}: expected pad_to or one of {sorted(fields)}")
-    return Fisher(dataclasses.replace(CONFIGS[config_name], **options), pad_to=pad_to)
+        raise ValueError(
+            f"unknown FISHER option(s) {unknown}: expected pad_to, max_frames or one of {sorted(fields)}"
+        )
+    return Fisher(dataclasses.replace(CONFIGS[config_name], **options), pad_to=pad_to, max_frames=max_frames)
 
 
 # Release name prefix -> this module's name prefix.
@@ -449,7 +467,9 @@ def _converted_state(state: dict, model: Fisher, file: Path) -> dict:
     return converted
 
 
-def from_checkpoint(path: str | os.PathLike, pad_to: int | None = None) -> Fisher:
+def from_checkpoint(
+    path: str | os.PathLike, pad_to: int | None = None, max_frames: int | None = None
+) -> Fisher:
     """Load a released FISHER ``.pt`` file (or a folder holding one) exactly, strict key check."""
     file = _checkpoint_file(Path(path))
     try:
@@ -457,7 +477,7 @@ def from_checkpoint(path: str | os.PathLike, pad_to: int | None = None) -> Fishe
     except Exception as err:  # torch.load raises several kinds on a corrupt or foreign file
         raise CheckpointError(f"cannot read FISHER checkpoint {file}: {err}") from err
     config, state = _release_config(release, file)
-    model = Fisher(config, pad_to=pad_to)
+    model = Fisher(config, pad_to=pad_to, max_frames=max_frames)
     model.load_state_dict(_converted_state(state, model, file))
     model.pretrained = True
     return model

@@ -1,0 +1,183 @@
+"""A training-free backbone: the log-mel spectrogram itself, one token per frame.
+
+``LogMel(waves [B, S], lengths [B]) -> (frames [B, T, n_mels] in dB, padding_mask [B, T])``. Nothing
+is learnt: with the parameter-free ``"stats"`` head (:class:`kit.heads.StatsPool`, mean and standard
+deviation of every band over the valid frames) it gives the classic per-clip log-mel statistics
+detector, run through the same embedding path (``kit.embed.extract``) and scoring backends as the
+trained branches. :func:`statistics_embedder` builds that embedder.
+
+Front-end, per clip at 16 kHz: power STFT (periodic Hann window, ``center=False``), an HTK mel
+filterbank without area normalisation (torchaudio's ``MelSpectrogram`` defaults), ``10 log10(x +
+1e-10)``. The ``"dcase"`` configuration (64 bands, n_fft 1024, hop 512) is the detector of
+``kit.synth_check`` except for ``center=False``: every frame lies inside its own clip, so a clip's
+frames are the same alone or zero-padded in a batch (``center=True`` would reflect-pad each clip's
+ends, which a padded batch cannot reproduce). With ``deltas`` each token also holds the frame-to-frame
+difference of the bands, whose standard deviation measures how fast each band fluctuates.
+
+The settings are also stored as a buffer: ``kit.embed`` keys its cache on the state dict, which must
+therefore tell two configurations apart even where their filterbanks agree (e.g. another hop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torchaudio
+from torch import nn
+
+from kit.backbones import Backbone
+
+SAMPLE_RATE = 16000
+POWER_FLOOR = 1e-10
+
+
+@dataclass(frozen=True)
+class LogMelConfig:
+    """Log-mel front-end settings (sample rate 16 kHz)."""
+
+    n_mels: int = 64
+    n_fft: int = 1024
+    hop_length: int = 512
+    f_min: float = 0.0
+    f_max: float = SAMPLE_RATE / 2
+    deltas: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_fft < 2 or self.hop_length < 1 or self.n_mels < 1:
+            raise ValueError(
+                f"n_fft >= 2, hop_length >= 1 and n_mels >= 1 are needed, got {self.n_fft}, "
+                f"{self.hop_length}, {self.n_mels}"
+            )
+        if not 0 <= self.f_min < self.f_max <= SAMPLE_RATE / 2:
+            raise ValueError(f"need 0 <= f_min < f_max <= {SAMPLE_RATE / 2}, got {self.f_min}, {self.f_max}")
+
+
+CONFIGS = {
+    "dcase": LogMelConfig(),  # the kit.synth_check detector
+    "dcase_deltas": LogMelConfig(deltas=True),
+    "fine": LogMelConfig(n_mels=128, n_fft=2048, hop_length=512),
+}
+DEFAULT_CONFIG = "dcase"
+
+
+def check_waves(waves, lengths, min_samples: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a batch ``waves [B, S]`` / ``lengths [B]`` (None: every clip is S samples long).
+
+    Raises ValueError naming the problem: not a 2-D float tensor, NaN/inf samples, lengths of the
+    wrong shape or beyond S, a clip shorter than ``min_samples``."""
+    if not torch.is_tensor(waves) or waves.dim() != 2 or not waves.is_floating_point():
+        shape = tuple(waves.shape) if torch.is_tensor(waves) else type(waves).__name__
+        raise ValueError(f"{who} expects float waves of shape [batch, samples] at 16 kHz, got {shape}")
+    if not bool(torch.isfinite(waves).all()):
+        bad = (~torch.isfinite(waves)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"{who}: input waves hold NaN or infinite samples (clips {bad} of the batch)")
+    batch, samples = waves.shape
+    if lengths is None:
+        lengths = torch.full((batch,), samples, dtype=torch.long, device=waves.device)
+    lengths = torch.as_tensor(lengths, device=waves.device).long()
+    if lengths.shape != (batch,):
+        raise ValueError(f"{who}: lengths must have shape [{batch}], got {tuple(lengths.shape)}")
+    if bool((lengths > samples).any()):
+        raise ValueError(f"{who}: lengths {lengths.tolist()} exceed the {samples} samples of the waves")
+    if bool((lengths < min_samples).any()):
+        short = (lengths < min_samples).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{who}: clips {short} of the batch are shorter than {min_samples} samples "
+            f"({min_samples / SAMPLE_RATE:.3f} s), the shortest input this configuration accepts "
+            f"(lengths {lengths.tolist()})"
+        )
+    return waves.float(), lengths
+
+
+def frame_counts(lengths: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """STFT frames that lie entirely inside a clip of ``lengths`` samples (``center=False``)."""
+    return torch.div(lengths - n_fft, hop_length, rounding_mode="floor") + 1
+
+
+def power_frames(waves: torch.Tensor, window: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """Power STFT ``[B, T, n_fft // 2 + 1]`` of a batch, ``center=False`` (float32, no autocast)."""
+    with torch.autocast(waves.device.type, enabled=False):
+        spec = torch.stft(
+            waves.float(),
+            n_fft=n_fft,
+            hop_length=hop_length,
+            window=window.float(),
+            center=False,
+            return_complex=True,
+        )
+        return torch.view_as_real(spec).pow(2).sum(-1).transpose(1, 2)
+
+
+class LogMel(Backbone):
+    """Log-mel frames as tokens (no trainable weights); see the module docstring."""
+
+    name = "logmel"
+    trains_from_scratch = True  # nothing to load: no "no pretrained weights" warning
+
+    def __init__(self, config: LogMelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.n_mels * (2 if config.deltas else 1)
+        self.blocks = nn.ModuleList()  # nothing to fine-tune
+        self.lora_target_modules = ""
+        self.min_samples = config.n_fft + (config.hop_length if config.deltas else 0)
+        self.register_buffer("window", torch.hann_window(config.n_fft))
+        filters = torchaudio.functional.melscale_fbanks(
+            config.n_fft // 2 + 1, config.f_min, config.f_max, config.n_mels, SAMPLE_RATE
+        )
+        self.register_buffer("mel_filters", filters)
+        settings = [config.n_mels, config.n_fft, config.hop_length, config.f_min, config.f_max, config.deltas]
+        self.register_buffer("settings", torch.tensor([float(v) for v in settings], dtype=torch.float64))
+
+    def frontend(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel ``[B, T, n_mels]`` (dB) and each clip's frame count; frames past it are 0."""
+        waves, lengths = check_waves(waves, lengths, self.config.n_fft, "LogMel")
+        power = power_frames(waves, self.window, self.config.n_fft, self.config.hop_length)
+        logmel = 10.0 * torch.log10(power @ self.mel_filters.float() + POWER_FLOOR)
+        frames = frame_counts(lengths, self.config.n_fft, self.config.hop_length)
+        past_end = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
+        return logmel.masked_fill(past_end[:, :, None], 0.0), frames
+
+    def forward(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        check_waves(waves, lengths, self.min_samples, "LogMel")
+        logmel, frames = self.frontend(waves, lengths)
+        logmel = self.augment_features(logmel, frames)
+        if self.config.deltas:
+            # Token t holds frame t and frame t+1 minus frame t: one token fewer than frames.
+            delta = logmel[:, 1:] - logmel[:, :-1]
+            logmel, frames = torch.cat([logmel[:, :-1], delta], dim=-1), frames - 1
+        padding = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
+        return logmel.masked_fill(padding[:, :, None], 0.0), padding
+
+
+def build(config_name: str = DEFAULT_CONFIG, **options) -> LogMel:
+    """The named log-mel configuration; ``options`` override :class:`LogMelConfig` fields."""
+    if config_name not in CONFIGS:
+        raise ValueError(
+            f"unknown logmel config {config_name!r}: expected one of {', '.join(sorted(CONFIGS))}"
+        )
+    fields = {f.name for f in dataclasses.fields(LogMelConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown logmel option(s) {unknown}: expected some of {sorted(fields)}")
+    return LogMel(dataclasses.replace(CONFIGS[config_name], **options))
+
+
+def from_checkpoint(path, **options) -> LogMel:
+    raise ValueError(
+        f"the logmel backbone has no weights to load (got checkpoint {path!s}); "
+        "use kit.backbones.load('logmel', config=...) without a checkpoint"
+    )
+
+
+def statistics_embedder(config_name: str = DEFAULT_CONFIG, **options) -> nn.Module:
+    """The training-free embedder: :class:`LogMel` + the parameter-free ``"stats"`` head, giving
+    ``[mean; std]`` of every token channel over each clip's valid frames (``2 * embed_dim`` values).
+
+    A ``kit.train.Embedder`` in eval mode, ready for ``kit.embed.extract(embedder, index, ...)``."""
+    from kit import heads, train  # train imports the backbone factory: import here, not at load time
+
+    backbone = build(config_name, **options)
+    return train.Embedder(backbone, heads.make_head("stats", backbone.embed_dim, None)).eval()

@@ -1,0 +1,84 @@
+"""Smoke tests of kit.bench at tiny sizes: the measurements run and the tables print. Speed itself is
+never asserted (it is what the benchmark commands are for)."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from kit import bench, data
+
+
+def test_measure_speed_and_extraction_unit_size():
+    row = bench.measure_speed("fisher", batch=2, seconds=1.0, repeats=1, device="cpu", config="unit")
+    assert row["precision"] == "fp32" and row["config"] == "unit"
+    assert row["clips_per_s"] > 0 and row["eager_clips_per_s"] > 0
+    assert row["max_abs_diff"] < 1e-3  # the eager reference computes the same thing
+    extraction = bench.measure_extraction("eat", batch=1, seconds=2.0, repeats=1, device="cpu", config="unit")
+    assert extraction["extract_clips_per_s"] > 0 and extraction["extract_peak_mb"] > 0
+    assert extraction["extract_precision"] == "fp32"
+    args = argparse.Namespace(batch=2, seconds=1.0, extract_batch=1, extract_seconds=2.0)
+    bench.print_backbones_table([row | extraction | {"peak_mb": 1.0, "eager_peak_mb": 2.0}], args)
+
+
+def test_eat_input_length_covers_the_extraction_clips():
+    assert bench._input_options("eat", 16.0) == {"target_length": 1600}  # the EAT-ASP setting
+    assert bench._input_options("eat", 10.0) == {"target_length": 1024}  # the release default
+    assert bench._input_options("beats", 16.0) == {}
+
+
+def test_backbones_refuses_fp16_on_cpu():
+    with pytest.raises(ValueError, match="fp16 was asked for on the CPU"):
+        bench.measure_extraction(
+            "eat", batch=1, seconds=1.0, repeats=1, device="cpu", precision="fp16", config="unit"
+        )
+
+
+def test_loader_readers_agree(tmp_path):
+    paths = bench.write_loader_clips(tmp_path, n_clips=2, seconds=1.0)
+    info = sf.info(paths[0])
+    assert (info.channels, info.samplerate, info.subtype, info.frames) == (2, 16000, "PCM_16", 16000)
+    length = data.LengthPolicy("random_crop", seconds=0.25)
+    whole = bench.CropItems(paths, length, "whole")
+    lean = bench.CropItems(paths, length, "lean")
+    assert len(whole) == 4 and whole.items[1] == (str(paths[0]), "far")
+    for key in [(0, 1), (1, 2), (3, 3)]:
+        assert torch.equal(whole[key], lean[key]) and whole[key].shape == (4000,)
+    assert not torch.equal(whole[(0, 1)], whole[(1, 1)])  # near and far differ
+    speed, first = bench.measure_loader(paths, length, "lean", batch=3, batches=2, workers=0)
+    assert speed > 0 and first.shape == (3, 4000)
+    with pytest.raises(ValueError, match="reader must be 'whole' or 'lean'"):
+        bench.CropItems(paths, length, "mmap")
+
+
+def test_loader_command_prints_its_table(capsys):
+    code = bench.main(
+        ["loader", "--clips", "2", "--clip-seconds", "1", "--crop-seconds", "0.25", "--batch", "2"]
+        + ["--batches", "2", "--workers", "0", "--repeats", "1", "--threads", "1"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "whole file clips/s" in out and "waves equal: yes" in out
+    row = out.strip().splitlines()[-1].split()
+    assert row[0] == "0" and float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+
+
+def test_loader_batches_are_reproducible():
+    first = bench.loader_batches(10, batch=4, n_batches=3, seed=1)
+    assert first == bench.loader_batches(10, batch=4, n_batches=3, seed=1)
+    assert len(first) == 3 and all(len(b) == 4 for b in first)
+    assert all(0 <= i < 10 for b in first for i, _ in b)
+    assert np.unique([s for b in first for _, s in b]).size == 12
+
+
+def test_commands_are_registered():
+    parser = bench.build_parser()
+    args = parser.parse_args(["backbones", "--backbones", "eat", "--repeats", "1"])
+    assert args.run is bench.run_backbones and args.backbones == ["eat"] and args.extract_seconds == 16.0
+    assert parser.parse_args(["loader"]).workers == [0, 2]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train"])  # the lead adds it

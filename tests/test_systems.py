@@ -1,0 +1,220 @@
+"""The eight report systems as their files state them: the effective settings of every step, and each
+system end to end (./run_all.sh SYSTEM) with official-format checkpoints, on a small generated dataset."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from kit import manifest, metrics, pipeline, submission, synth, train
+
+REPORT_SYSTEMS = [f"audiocc_{i}" for i in range(1, 5)] + [f"eat_asp_{i}" for i in range(1, 5)]
+CHECKPOINTS = {"beats": "beats_release.pt", "eat": "eat_fairseq.pt", "fisher": "fisher.pt"}
+AUTHOR = {
+    "lastname": "Tester",
+    "firstname": "Ada",
+    "email": "ada.tester@tu-berlin.de",
+    "affiliation": {"institution": "TU Berlin", "location": "Berlin, Germany"},
+}
+
+
+@pytest.fixture()
+def checkpoints(backbone_fixtures, monkeypatch):
+    for backbone, file in CHECKPOINTS.items():
+        monkeypatch.setenv(f"{backbone.upper()}_CHECKPOINT", str(backbone_fixtures / file))
+
+
+def _file_steps(system: str) -> list[dict]:
+    return pipeline.load_system(system)["steps"]
+
+
+def _compact(settings: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+@pytest.mark.parametrize("system", REPORT_SYSTEMS)
+def test_effective_settings_are_the_files_and_the_reports(system, checkpoints, capsys):
+    """Every value a system file sets is the value its step runs with (the notebook defaults fill the
+    rest, printed here), and the report's own settings hold (see the comments in each file)."""
+    effective = pipeline.effective_settings(system)
+    file_steps = _file_steps(system)
+    lines = [f"== {system}"]
+    for step, stated in zip(effective, file_steps):
+        params, given = step["params"], stated["params"]
+        for key, value in given.items():
+            if key in ("training", "extraction"):
+                for field, wanted in value.items():
+                    have = params[key][field]
+                    assert have == (list(wanted) if isinstance(wanted, tuple) else wanted), (
+                        system,
+                        key,
+                        field,
+                    )
+            else:
+                assert params[key] == value, (system, key)
+        if step["notebook"].startswith(("02", "03", "04")):
+            lines.append(f"{step['notebook']} {params['name']}: training {_compact(params['training'])}")
+            lines.append(f"{step['notebook']} {params['name']}: extraction {_compact(params['extraction'])}")
+        elif step["notebook"].startswith(("05", "06")):
+            shown = {
+                k: v for k, v in params.items() if k not in ("repo_url", "drive_root", "data_root", "run_dir")
+            }
+            shown.pop("submission_meta", None)
+            lines.append(f"{step['notebook']}: {_compact(shown)}")
+    print("\n".join(lines))
+
+    scoring = next(s["params"] for s in file_steps if s["notebook"] == "05_scoring")
+    assert {"backends", "channel_policies", "separate_domains", "smote"} <= set(
+        scoring
+    )  # explicit, not inherited
+    assert scoring["separate_domains"] is False  # both reports: one reference set per machine and section
+    fine_tuning = [s["params"] for s in effective if s["notebook"].startswith(("02", "03", "04"))]
+    if system.startswith("eat_asp"):
+        (eat,) = fine_tuning
+        t, x = eat["training"], eat["extraction"]
+        assert (t["lr"], t["head_lr_scale"], t["batch_size"], t["steps"]) == (5e-5, 1.0, 16, 20000)
+        assert (t["label_scheme"], t["channels"], t["head"], t["loss"]) == (
+            "composite",
+            ["near", "far"],
+            "asp",
+            "arcface",
+        )
+        assert (t["length_mode"], t["crop_seconds"], t["mask_padding"]) == ("pad_or_cut", 16.0, False)
+        assert t["backbone_options"] == {"target_length": 1600}
+        assert (x["length_mode"], x["seconds"], x["mask_padding"], x["window_seconds"]) == (
+            "pad_or_cut",
+            16.0,
+            False,
+            None,
+        )
+        assert t["mode"] == ("full" if system in ("eat_asp_1", "eat_asp_3") else "lora")
+        assert scoring["channel_policies"] == (["mean"] if system in ("eat_asp_1", "eat_asp_2") else ["near"])
+        assert scoring["knn_k"] == 1 and scoring["backends"] == ["knn"]
+    else:
+        for branch in fine_tuning:  # assumption stated in the files: windows of the training crop length
+            assert branch["extraction"]["window_seconds"] == branch["training"]["crop_seconds"]
+            assert branch["training"]["loss"] in ("arcface", "subcenter", "adacos")
+        assert len(fine_tuning) == {"audiocc_1": 1, "audiocc_2": 1, "audiocc_3": 3, "audiocc_4": 7}[system]
+        assert scoring["channel_policies"] == ["near"]
+
+
+def test_a_typo_in_a_system_file_is_named(tmp_path, checkpoints):
+    spec = yaml.safe_load((pipeline.SYSTEMS / "audiocc_1.yaml").read_text())
+    broken = copy.deepcopy(spec)
+    broken["steps"][1]["params"]["training"]["learning_rate"] = 1e-4
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['learning_rate'\]"):
+        pipeline.effective_settings(str(tmp_path / "a.yaml"))
+    broken = copy.deepcopy(spec)
+    broken["steps"][2]["params"]["knn"] = 3
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(ValueError, match=r"step 05_scoring: unknown parameter\(s\) \['knn'\]"):
+        pipeline.effective_settings(str(tmp_path / "b.yaml"))
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    """Three machine types of the embedded generator (one development, two evaluation: AdaCos needs three
+    section classes), the fewest clips."""
+    root = tmp_path_factory.mktemp("small") / "data"
+    synth.generate(root, scale=0.1, seed=0, machines=["SynValve", "SynBlower", "SynGearbox"], progress=False)
+    return root
+
+
+@pytest.fixture()
+def authors(tmp_path, monkeypatch):
+    path = tmp_path / "authors.yaml"
+    path.write_text(yaml.safe_dump([AUTHOR]))
+    monkeypatch.setenv(submission.AUTHORS_VARIABLE, str(path))
+    monkeypatch.setenv("TEAM_LABEL", "Tester_TUB")
+
+
+def _few(system: str, out) -> list[str]:
+    """Steps, clips and epochs overridden to a few; every other setting as the system file states."""
+    notebooks = {step["notebook"][:2] for step in _file_steps(system)}
+    overrides = ["05.baseline_epochs=1", f"06.submission_dir={out}"]
+    overrides += [
+        f"{nb}.training.{k}={v}"
+        for nb in ("02", "03", "04")
+        if nb in notebooks
+        for k, v in (("steps", 2), ("batch_size", 2), ("warmup_steps", 1), ("checkpoint_every", 1))
+    ]
+    if "bayes" in str(pipeline.load_system(system)):
+        overrides += ["06.bayes_iter=1", "06.bayes_init=1"]
+    return overrides
+
+
+def _dev_files_reproduce_results(run_dir):
+    """The official-format development files score, with kit.metrics, exactly as results.csv says."""
+    results = pd.read_csv(run_dir / "results.csv")
+    for folder in sorted((run_dir / "dev_scores").iterdir()):
+        scores = metrics.labels_from_file_names(metrics.load_score_dir(folder))
+        table = metrics.results_table({folder.name: scores})
+        mine = results[results["system"] == folder.name].reset_index(drop=True)
+        pd.testing.assert_frame_equal(
+            table[mine.columns].reset_index(drop=True), mine, check_dtype=False, atol=1e-12
+        )
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("system", REPORT_SYSTEMS)
+def test_each_report_system_runs_end_to_end(system, small_root, checkpoints, authors, tmp_path):
+    run_dir = pipeline.run_system(
+        system, str(small_root), tmp_path / "run", overrides=_few(system, tmp_path / "subs")
+    )
+    results = pd.read_csv(run_dir / "results.csv")
+    submitted = pipeline.load_system(system)["steps"][-1]["params"]["submit"]
+    (label,) = submitted
+    assert label.startswith("Tester_TUB_task2_")
+    assert set(submitted.values()) <= set(results["system"]) and {"baseline-MSE", "baseline-MAHALA"} <= set(
+        results["system"]
+    )
+    zip_path = tmp_path / "subs" / f"{system}.zip"
+    expected = submission.expected_test_files(small_root / "eval_data" / "raw")
+    assert submission.validate(zip_path, expected_files=expected) == []
+    meta = yaml.safe_load((run_dir / "submission" / label / f"{label}.meta.yaml").read_text())
+    run = manifest.read(run_dir)
+    fused = run["fusion"]["branches"]
+    assert meta["system"]["description"]["ensemble_method_subsystem_count"] == (
+        len(fused) if submitted[label] == "fusion" else 1
+    )
+    branches = {name for name in run["branches"]}
+    assert meta["system"]["complexity"]["total_parameters"] == sum(
+        run["branches"][b]["parameters"] for b in branches
+    )
+    assert meta["submission"]["authors"][0]["email"] == AUTHOR["email"]
+    assert meta["submission"]["name"].startswith(("AudioCC reproduction", "EAT-ASP reproduction"))
+    assert all(
+        1.0 < v <= 100.0
+        for m in meta["results"]["development_dataset"].values()
+        for v in m.values()
+        if v > 1.0
+    )
+    assert run["submission"]["zip"] == str(zip_path.absolute())
+    _dev_files_reproduce_results(run_dir)
+    for name, entry in run["branches"].items():  # the branches' effective settings are recorded
+        saved = train.TrainConfig.from_dict(entry["training"])
+        assert saved.name == name and saved.steps == 2
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_development_only_root_gives_results_and_says_why_there_is_no_submission(
+    small_root, checkpoints, authors, tmp_path
+):
+    root = tmp_path / "dev_only"
+    shutil.copytree(small_root / "dev_data", root / "dev_data")
+    run_dir = pipeline.run_system(
+        "audiocc_1", str(root), tmp_path / "run", overrides=_few("audiocc_1", tmp_path / "subs")
+    )
+    assert "beats_arcface-knn-near" in set(pd.read_csv(run_dir / "results.csv")["system"])
+    assert "no evaluation test clips" in manifest.read(run_dir)["submission"]["skipped"]
+    assert not (tmp_path / "subs").exists()
