@@ -439,11 +439,12 @@ def run_baseline(
     epochs: int = 100,
     methods: tuple[str, ...] = ("MSE", "MAHALA"),
     channels: tuple[str, ...] = ("near",),
+    seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
-    """Train one autoencoder per machine type and channel (reusing a saved model trained for as many
-    epochs) and score every clip with each method (one decoding per clip for all methods):
+    """Train one autoencoder per machine type and channel (reusing a saved model trained with the same
+    epochs and seed) and score every clip with each method (one decoding per clip for all methods):
     ``{system_name(method, channel): scores}`` (``baseline-MSE``, ``baseline-MAHALA``,
     ``baseline-MSE-w1``, ...) in the scores contract."""
     unknown = sorted(set(methods) - set(METHODS))
@@ -454,12 +455,14 @@ def run_baseline(
         data.check_channel(channel)
         for machine in sorted(index_df["machine"].unique()):
             path = model_path(run_dir, machine, channel)
-            if not path.exists() or load_baseline(path)[2]["settings"].get("epochs") != epochs:
+            saved = load_baseline(path)[2]["settings"] if path.exists() else {}
+            if (saved.get("epochs"), saved.get("seed")) != (epochs, seed):
                 train_baseline(
                     index_df,
                     run_dir,
                     machine,
                     epochs=epochs,
+                    seed=seed,
                     channel=channel,
                     device=device,
                     progress=progress,

@@ -411,6 +411,29 @@ def needs_stereo(channel: str) -> bool:
     return check_channel(channel) != "near"
 
 
+def usable_channels(channels, index: pd.DataFrame, *, mono_fallback: bool = False) -> tuple[str, ...]:
+    """``channels`` as a dataset can give them. On a dataset with mono clips a channel that needs the
+    far microphone is an error naming a mono clip, or, with ``mono_fallback`` (the default system's
+    choice, so any dataset root runs as it is), left out with a note."""
+    channels = tuple(check_channel(c) for c in ((channels,) if isinstance(channels, str) else channels))
+    mono = index.loc[index["channels"].fillna(2) < 2, "path"]
+    stereo_only = [c for c in channels if needs_stereo(c)]
+    if mono.empty or not stereo_only:
+        return channels
+    if not mono_fallback:
+        raise DatasetError(
+            f"channel(s) {stereo_only} need the far microphone but {mono.iloc[0]} is mono "
+            f"({len(mono)} mono clips): use the near channel on mono data"
+        )
+    kept = tuple(c for c in channels if c not in stereo_only)
+    if not kept:
+        raise DatasetError(
+            f"every channel of {list(channels)} needs the far microphone, but {mono.iloc[0]} is mono"
+        )
+    print(f"mono clips (e.g. {mono.iloc[0]}): channels {stereo_only} left out, using {list(kept)}")
+    return kept
+
+
 def derive_channel(pair: np.ndarray, channel: str, settings: dict | None = None) -> np.ndarray:
     """Channel ``channel`` of a stereo clip ``[2, T]``: a microphone, or a canceller's output (with
     ``settings[channel]``, its settings over the defaults)."""

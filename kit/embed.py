@@ -44,6 +44,7 @@ class ExtractConfig:
 
     channels: tuple[str, ...] = ("near", "far")  # microphones and cancellers (w1, ss, ...: kit.denoise)
     front_end_settings: dict = dataclasses.field(default_factory=dict)  # canceller name -> settings
+    mono_fallback: bool = False  # on mono data, leave out channels that need the far microphone
     length_mode: str = "none"
     seconds: float | None = None
     mask_padding: bool = True
@@ -82,11 +83,13 @@ class ExtractConfig:
 
     @classmethod
     def for_index(cls, values: dict, index: pd.DataFrame) -> ExtractConfig:
-        """``from_dict`` for a dataset: on a mono dataset the channels default to the near channel."""
-        values = dict(values)
-        if "channels" not in values and not bool((index["channels"] >= 2).all()):  # mono data: near only
-            values["channels"] = ("near",)
-        return cls.from_dict(values)
+        """``from_dict`` for a dataset: on a mono dataset the default channels become the near channel;
+        named channels that need the far microphone are an error there unless ``mono_fallback``."""
+        settings = cls.from_dict(values)
+        fallback = settings.mono_fallback or "channels" not in values  # the default channels adapt
+        return dataclasses.replace(
+            settings, channels=data.usable_channels(settings.channels, index, mono_fallback=fallback)
+        )
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "channels": list(self.channels)}
@@ -246,6 +249,41 @@ class _DecodedBatches(torch.utils.data.Dataset):
             valid = [clip[channel][1] if self.mask_padding else clip[channel][0].shape[-1] for clip in clips]
             decoded[channel] = (waves, valid)
         return rows, decoded
+
+
+COLLAPSE_COSINE = 0.999  # mean cosine similarity between clips above which embeddings have collapsed
+
+
+def collapse_figure(emb: np.ndarray, sample: int = 512, seed: int = 0) -> float:
+    """The mean cosine similarity between the embeddings of different clips (on at most ``sample``
+    rows): near 1 when every clip maps to about the same direction, so KNN distances cannot rank them."""
+    emb = np.asarray(emb, dtype=np.float64)
+    if len(emb) > sample:
+        emb = emb[np.random.default_rng(seed).choice(len(emb), sample, replace=False)]
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    unit = emb / np.where(norms > 0, norms, 1.0)
+    n = len(unit)
+    if n < 2:
+        return float("nan")
+    total = unit.sum(axis=0)
+    return float((total @ total - n) / (n * (n - 1)))  # the mean of the off-diagonal cosines
+
+
+def check_collapse(meta: pd.DataFrame, emb: np.ndarray, name: str) -> dict[str, float]:
+    """``{channel: collapse_figure}``, with a warning naming the branch where it exceeds
+    ``COLLAPSE_COSINE``."""
+    figures = {}
+    for channel in dict.fromkeys(meta["channel"]):
+        rows = (meta["channel"] == channel).to_numpy()
+        figures[channel] = figure = collapse_figure(emb[rows])
+        if figure >= COLLAPSE_COSINE:
+            warnings.warn(
+                f"{name}: the {channel} embeddings have collapsed (mean cosine similarity {figure:.6f} between "
+                "clips): distances cannot rank them. Training diverged or learnt nothing: try a lower lr, "
+                "a longer warm-up or fewer steps",
+                stacklevel=2,
+            )
+    return figures
 
 
 def _as_is(item):

@@ -372,3 +372,84 @@ def load_weights(path: str | os.PathLike) -> dict[str, float]:
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"weights file {path} is not valid {kind}: {error}") from error
     return _validated_weights(weights, str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# An honest estimate of the searched fusion
+# --------------------------------------------------------------------------------------------------
+def _half_folds(meta: pd.DataFrame, rows: np.ndarray, seed: int) -> np.ndarray:
+    """Fold 0/1 for the development test rows: halves drawn within each (machine, section, domain,
+    label) cell, so both halves hold every kind of clip."""
+    folds = np.full(len(meta), -1)
+    rng = np.random.default_rng(seed)
+    test = meta[rows]
+    for _, cell in test.groupby(["machine", "section", "domain", "label"], sort=True):
+        order = rng.permutation(cell.index.to_numpy())
+        folds[order] = (np.arange(len(order)) + rng.integers(2)) % 2  # alternate from a random fold
+    return folds
+
+
+def held_out_fusion(
+    branch_scores: Mapping[str, pd.DataFrame],
+    *,
+    folds: str = "auto",
+    n_iter: int = 40,
+    init_points: int = 10,
+    seed: int = 0,
+    normalise_by: str | None = "train",
+    progress: bool = True,
+) -> tuple[pd.DataFrame, list[dict[str, float]]]:
+    """The Bayesian fusion as it would score clips it was not fitted on: every development test clip
+    is fused with weights searched on the other folds' labels only (a machine's training clips, scored
+    for the decision thresholds, with its test clips' weights). ``folds``: ``"machine"``
+    (leave one machine type out), ``"half"`` (two halves of the test clips, drawn per machine, domain
+    and label: for a single machine type), or ``"auto"`` (machines when there are two or more).
+
+    Returns the fused scores (same rows as ``fuse``) and the weights of each fold. The official score of
+    these scores estimates the searched fusion's score on new data; the score of ``search_weights``
+    itself is fitted on the labels it is measured on."""
+    meta, _, names = _aligned(branch_scores, None)
+    rows = _development_test_rows(meta)
+    machines = sorted(meta.loc[rows, "machine"].unique())
+    if folds == "auto":
+        folds = "machine" if len(machines) >= 2 else "half"
+    if folds == "machine":
+        if len(machines) < 2:
+            raise ValueError(
+                "leave-one-machine-out needs two or more development machine types; use folds='half'"
+            )
+        # a machine's training clips (scored for thresholds, never labelled) follow its test clips
+        in_dev = (meta["dataset"] == "dev").to_numpy()
+        fold_of = np.where(in_dev, meta["machine"].map({m: i for i, m in enumerate(machines)}).fillna(-1), -1)
+        fold_of = fold_of.astype(int)
+    elif folds == "half":
+        fold_of = _half_folds(meta, rows, seed)
+        fold_of[(meta["split"] == "train").to_numpy() & (meta["dataset"] == "dev").to_numpy()] = 0
+    else:
+        raise ValueError(f"folds must be 'auto', 'machine' or 'half', got {folds!r}")
+    fused = fuse(branch_scores, "mean", normalise_by=normalise_by).reset_index(drop=True)
+    key = pd.MultiIndex.from_frame(meta[CLIP_KEY])
+    weights_per_fold = []
+    for fold in sorted(set(fold_of[rows].tolist())):
+        held = pd.MultiIndex.from_frame(meta.loc[(fold_of == fold) & rows, CLIP_KEY])  # its labelled clips
+        if (rows & (fold_of != fold)).sum() == 0:
+            raise ValueError(
+                f"fold {fold} holds every labelled development test clip: nothing left to fit on"
+            )
+        fit = {
+            name: frame[~pd.MultiIndex.from_frame(frame[CLIP_KEY]).isin(held)]
+            for name, frame in branch_scores.items()
+        }
+        weights, _, _ = search_weights(
+            fit,
+            n_iter=n_iter,
+            init_points=init_points,
+            seed=seed,
+            normalise_by=normalise_by,
+            progress=progress,
+        )
+        weights_per_fold.append(weights)
+        scored = fuse(branch_scores, weights, normalise_by=normalise_by).set_index(CLIP_KEY)["score"]
+        in_fold = fold_of == fold
+        fused.loc[in_fold, "score"] = scored.reindex(key[in_fold]).to_numpy()
+    return fused, weights_per_fold

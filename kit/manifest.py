@@ -123,7 +123,7 @@ def system_resources(run_dir: str | os.PathLike, system: str) -> tuple[int, int 
     if system.startswith("fusion"):
         fused = (content.get("fusion") or {}).get("branches")
         if not fused:
-            raise KeyError(f"{path(run_dir)} records no fusion: run notebook 06's fusion step first")
+            raise KeyError(f"{path(run_dir)} records no fusion: run notebook 08's fusion step first")
         counts = [_parameters(content, model) for model in {_model_of(content, name) for name in fused}]
         return len(fused), None if None in counts else sum(counts)
     return 1, _parameters(content, _model_of(content, system))
@@ -141,3 +141,21 @@ def _parameters(content: dict, model: str) -> int | None:
     if model == "baseline":
         return (content.get("scores") or {}).get("baseline_parameters")
     return ((content.get("branches") or {}).get(model) or {}).get("parameters")
+
+
+def notes(run_dir: str | os.PathLike, systems) -> dict[str, str]:
+    """A note for every system whose branch's embeddings collapsed (``kit.embed.check_collapse``
+    recorded ``collapse`` figures at extraction), for the results table: its score says nothing."""
+    from kit.embed import COLLAPSE_COSINE
+
+    content = read(run_dir)
+    found = {}
+    for system in systems:
+        model = _model_of(content, system)
+        figures = ((content.get("branches") or {}).get(model) or {}).get("collapse") or {}
+        collapsed = {channel: f for channel, f in figures.items() if f is not None and f >= COLLAPSE_COSINE}
+        if collapsed:
+            found[system] = "collapsed embeddings: " + ", ".join(
+                f"{channel} mean cosine {f:.6f}" for channel, f in collapsed.items()
+            )
+    return found

@@ -385,7 +385,7 @@ _EXAMPLES = [
     ("", "the embedded default"),
     ("--only 01", "notebook 01 only"),
     ("audiocc_1 --only 01,02", "two notebooks of a report system"),
-    ("--set 06.fusion_rule=mean", "a parameter of notebook 06"),
+    ("--set 08.fusion_rule=mean", "a parameter of notebook 08"),
     ("--set 02.training.steps=50", "one key of a mapping parameter"),
     ("eat_asp_4 --dry-run", "show the plan, run nothing"),
     ("--list", "the systems"),
@@ -429,7 +429,7 @@ def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParse
         action="append",
         default=[],
         metavar="NB.PARAM[.KEY]=VALUE",
-        help="override a notebook parameter for every step of notebook NB (e.g. 06.fusion_rule=mean); "
+        help="override a notebook parameter for every step of notebook NB (e.g. 08.fusion_rule=mean); "
         "with .KEY, one key inside a mapping parameter (02.training.steps=50); VALUE "
         "is YAML; repeatable",
     )

@@ -647,6 +647,8 @@ def choose_channel(group: pd.DataFrame, emb: np.ndarray, candidates) -> str:
     """The ``auto`` policy's label-free rule for one (dataset, machine, section) group: among the near
     channel and the cancellers embedded for it, the one whose normal training clips are most
     separable by their conditions (``channel_separability``); a tie keeps the earlier (near first)."""
+    if len(candidates) == 1:
+        return candidates[0]
     best, best_value = "near", -1.0
     for channel in candidates:
         clips = group[group["channel"] == channel]
@@ -658,12 +660,24 @@ def choose_channel(group: pd.DataFrame, emb: np.ndarray, candidates) -> str:
     return best
 
 
+def auto_choices(systems: dict[str, pd.DataFrame]) -> dict[str, dict[str, str]]:
+    """The channel the ``auto`` policy chose per machine, for every auto system:
+    ``{"logmel-knn-auto": {"SynFan": "wl", ...}}`` (from the ``auto:<channel>`` score labels)."""
+    choices = {}
+    for name, scores in systems.items():
+        chosen = scores[scores["channel"].astype(str).str.startswith("auto:")]
+        if len(chosen):
+            pairs = chosen.drop_duplicates("machine")[["machine", "channel"]].itertuples(index=False)
+            choices[name] = {machine: channel.split(":", 1)[1] for machine, channel in pairs}
+    return choices
+
+
 def _policy_applies(policy: str, channels: set) -> bool:
     """Whether a branch embedded on ``channels`` can be scored with ``policy``."""
     if policy in ("far", "mean", "zmean", "residual"):
         return "far" in channels
-    if policy == "auto":  # without a canceller, auto would be the near channel again
-        return bool(channels - {"near", "far"})
+    if policy == "auto":  # near or a canceller: on mono data (or without cancellers) the near channel
+        return "near" in channels
     return policy in channels
 
 
@@ -693,7 +707,8 @@ def score_branches(
 
     ``embeddings`` maps a branch name to its ``(meta, emb)``; ``options`` go to ``score_embeddings``
     (a value given as ``{backend: value}`` applies to that backend only). Policies over channels a
-    branch has not embedded (far, a canceller) are skipped, and ``auto`` without any canceller. A
+    branch has not embedded (far, a canceller) are skipped; ``auto`` is there whenever near is (it
+    is the near channel where no canceller was embedded, so a fusion list naming it runs on any data). A
     combination whose training scores are degenerate (``DegenerateScoresError``) is left out with a
     warning naming it, so one collapsed branch does not stop the others from being scored."""
     systems = {}
@@ -736,7 +751,7 @@ def load_scores(folder) -> dict[str, pd.DataFrame]:
     """Read every ``<system>.csv`` of ``folder`` written by ``save_scores``."""
     paths = sorted(Path(folder).glob("*.csv"))
     if not paths:
-        raise FileNotFoundError(f"no score files in {folder}: run notebook 05_scoring first")
+        raise FileNotFoundError(f"no score files in {folder}: run notebook 07_scoring first")
     systems = {}
     for path in paths:
         frame = pd.read_csv(path, dtype={"section": str, "file_name": str}, keep_default_na=False)

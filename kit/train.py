@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class TrainConfig:
     label_scheme: str = "attribute"  # section | attribute | composite (+ domain + near/far channel)
     channels: tuple[str, ...] = ("near", "far")  # one item per (clip, channel); cancellers too (w1, ss, ...)
     front_end_settings: dict = field(default_factory=dict)  # canceller name -> its settings (kit.denoise)
+    mono_fallback: bool = False  # on mono data, leave out channels that need the far microphone
     train_datasets: tuple[str, ...] = ("dev", "eval")
     length_mode: str = "random_crop"  # or "pad_or_cut" (the EAT-ASP seed pads to 16 s)
     crop_seconds: float = 5.0
@@ -86,7 +88,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-4  # 1e-3 collapses the random-init CPU transformers (mean cosine 0.995-1.0 between clips)
     head_lr_scale: float = 10.0  # lr of the freshly initialised head and loss = lr * head_lr_scale
     weight_decay: float = 0.01
     warmup_steps: int = 30
@@ -218,9 +220,11 @@ def resolve_config(
             "(a local path, a Hugging Face repo id or a URL) or the notebook's `checkpoint` parameter"
         )
     values = {**training, "name": name, "backbone": backbone, "checkpoint": checkpoint or None}
-    if "channels" not in training and not stereo_index(index):
-        values["channels"] = ("near",)
-    return TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_dict(values)
+    fallback = cfg.mono_fallback or "channels" not in training  # the default channels adapt to mono data
+    return dataclasses.replace(
+        cfg, channels=data.usable_channels(cfg.channels, index, mono_fallback=fallback)
+    )
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -239,6 +243,14 @@ class Embedder(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         tokens, padding_mask = self.backbone(waves, lengths)
         return self.head(tokens, padding_mask)
+
+
+def statistics_embedder(config: str = "dcase", **options) -> Embedder:
+    """The training-free branch: the log-mel backbone (``kit.backbones.logmel``, config ``config``) and
+    the parameter-free ``"stats"`` head, giving ``[mean; std]`` of every band over each clip's valid
+    frames. Nothing to train: ready for ``kit.embed.extract``."""
+    backbone = backbones.load("logmel", config=config, **options)
+    return Embedder(backbone, heads.make_head("stats", backbone.embed_dim, None)).eval()
 
 
 def build_embedder(cfg: TrainConfig) -> Embedder:
@@ -625,6 +637,7 @@ def train(
     task.eval()
 
     if place.rank == 0 and end == cfg.steps:
+        _warn_if_collapsed(embedder, items, cfg, place.device)
         _export(out, embedder, history, cfg, checkpoint_sha1)
         if not cfg.keep_checkpoint:
             ckpt_path.unlink(missing_ok=True)  # model.pt holds what extraction needs; the moments go
@@ -640,6 +653,38 @@ def _refuse_release_size_on_cpu(embedder: Embedder, cfg: TrainConfig, place: _Pl
             f"{cfg.name}: training a {size / 1e6:.0f} M-parameter backbone on a CPU takes days; use a GPU "
             "(on Colab: Runtime > Change runtime type > T4 GPU), or set the training setting allow_cpu: true"
         )
+
+
+@torch.no_grad()
+def _warn_if_collapsed(
+    embedder: Embedder, items: pd.DataFrame, cfg: TrainConfig, device, n: int = 32
+) -> float:
+    """Embed ``n`` training items (fixed crops) with the trained model and warn when they have collapsed
+    onto one direction (``kit.embed.collapse_figure``)."""
+    from kit import embed
+
+    picks = np.linspace(0, len(items) - 1, min(n, len(items))).astype(int)
+    length = data.LengthPolicy(mode=cfg.length_mode, seconds=cfg.crop_seconds, offset="center")
+    if length.mode == "random_crop":
+        length = data.LengthPolicy(mode="fixed_crop", seconds=cfg.crop_seconds, offset="center")
+    clips = [
+        data.read_clip(
+            items["path"].iloc[i], items["channel"].iloc[i], length, front_end_settings=cfg.front_end_settings
+        )
+        for i in picks
+    ]
+    waves = _pad_waves([wave for wave, _ in clips]).to(device)
+    valid = torch.tensor([n for _, n in clips], device=device)
+    embedder.eval()
+    figure = embed.collapse_figure(embedder(waves, valid).float().cpu().numpy())
+    if figure >= embed.COLLAPSE_COSINE:
+        warnings.warn(
+            f"{cfg.name}: after training, the embeddings of {len(picks)} training clips have collapsed (mean cosine "
+            f"similarity {figure:.6f}): KNN cannot rank clips. Try a lower lr (now {cfg.lr:g}), a longer warm-up "
+            f"(now {cfg.warmup_steps}) or a smaller head_lr_scale (now {cfg.head_lr_scale:g})",
+            stacklevel=3,
+        )
+    return figure
 
 
 def _optimiser(task: ProxyTask, cfg: TrainConfig):

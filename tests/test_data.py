@@ -804,3 +804,19 @@ def test_make_labels_errors():
         data.make_labels(label_frame().drop(columns="attributes"), "attribute")
     with pytest.raises(ValueError, match="already has a 'channel' column"):
         data.expand_channels(data.expand_channels(label_frame()), ("near",))
+
+
+def test_usable_channels_on_mono_data_fail_or_fall_back_with_a_note(capsys):
+    index = pd.DataFrame({"path": ["/d/a.wav", "/d/b.wav"], "channels": [2, 1]})
+    stereo = index.assign(channels=2)
+    assert data.usable_channels(["near", "far", "w1"], stereo) == ("near", "far", "w1")
+    with pytest.raises(
+        data.DatasetError, match=r"channel\(s\) \['far', 'w1'\] need the far microphone but /d/b.wav is mono"
+    ):
+        data.usable_channels(["near", "far", "w1"], index)
+    assert data.usable_channels(["near", "far", "w1"], index, mono_fallback=True) == ("near",)
+    assert "channels ['far', 'w1'] left out" in capsys.readouterr().out
+    with pytest.raises(data.DatasetError, match="every channel"):
+        data.usable_channels(["wl"], index, mono_fallback=True)
+    with pytest.raises(ValueError, match="unknown channel 'left'"):
+        data.usable_channels(["left"], stereo)

@@ -183,3 +183,24 @@ def test_weight_files_reject_bad_input(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping"):
         fusion.load_weights(tmp_path / "list.yaml")
+
+
+def test_held_out_fusion_scores_each_clip_with_weights_not_fitted_on_it():
+    branches = {"informative": branch(1.5, seed=9), "random": branch(0.0, seed=10)}
+    fused, weights = fusion.held_out_fusion(branches, n_iter=2, init_points=2, progress=False)
+    assert len(weights) == 2  # two machine types: leave one out
+    assert all(w["informative"] > w["random"] for w in weights)
+    fitted, _, _ = fusion.search_weights(branches, n_iter=2, init_points=2, progress=False)
+    assert len(fused) == len(fusion.fuse(branches, fitted))
+    # the clips of "fan" are fused with the weights searched on "valve" alone
+    valve_only = {n: f[(f["machine"] == "valve") | (f["split"] == "train")] for n, f in branches.items()}
+    expected = fusion.fuse(
+        branches, fusion.search_weights(valve_only, n_iter=2, init_points=2, progress=False)[0]
+    )
+    fan = (fused["machine"] == "fan").to_numpy()
+    np.testing.assert_allclose(fused.loc[fan, "score"], expected.loc[fan, "score"])
+    one = {n: f[f["machine"] == "fan"] for n, f in branches.items()}
+    halves, half_weights = fusion.held_out_fusion(one, n_iter=1, init_points=1, progress=False)
+    assert len(half_weights) == 2 and np.isfinite(halves["score"]).all()
+    with pytest.raises(ValueError, match="two or more development machine types"):
+        fusion.held_out_fusion(one, folds="machine", progress=False)

@@ -331,7 +331,7 @@ def test_score_branches_names_every_combination_and_round_trips(tmp_path):
     (tmp_path / "bad" / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a score file"):
         scoring.load_scores(tmp_path / "bad")
-    with pytest.raises(FileNotFoundError, match="05_scoring"):
+    with pytest.raises(FileNotFoundError, match="07_scoring"):
         scoring.load_scores(tmp_path / "empty")
 
 
@@ -564,8 +564,11 @@ def test_score_branches_skips_what_a_branch_has_not_embedded_and_takes_per_backe
         "a-mahalanobis-mean",
         "a-mahalanobis-near",
         "a-mahalanobis-w1",
+        "b-knn-auto",
         "b-knn-near",
+        "b-mahalanobis-auto",
         "b-mahalanobis-near",
-    ]  # smote reached the knn backend only (mahalanobis refuses it)
+    ]  # smote reached the knn backend only (mahalanobis refuses it); auto is near where nothing else is
+    assert (systems["b-knn-auto"]["channel"] == "auto:near").all()
     with pytest.raises(ValueError, match="per-backend values must be keyed by"):
         scoring.score_branches({"a": (meta, emb)}, ("knn",), ("near",), smote={"lof": 1}, progress=False)

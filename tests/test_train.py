@@ -503,3 +503,37 @@ def test_a_canceller_is_a_channel_like_any_other(tone_index, tmp_path):
         embed.compute_embeddings(embedder, mono, channels=("w1",), progress=False)
     with pytest.raises(ValueError, match="channel 'ss' needs the far microphone"):
         train.training_items(mono, _cfg(channels=("ss",)))
+
+
+def test_collapsed_embeddings_are_measured_and_named(tmp_path, capsys):
+    from kit import manifest
+
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(50, 16))
+    assert abs(embed.collapse_figure(spread)) < 0.1
+    collapsed = np.ones((50, 16)) + 1e-6 * rng.normal(size=(50, 16))
+    assert embed.collapse_figure(collapsed) > 0.9999
+    direction = rng.normal(size=16)
+    exact = spread.copy()
+    exact[:] = direction  # mean of the off-diagonal cosines of identical rows is 1
+    assert embed.collapse_figure(exact) == pytest.approx(1.0)
+    meta = pd.DataFrame({"channel": ["near"] * 50 + ["far"] * 50})
+    with pytest.warns(
+        UserWarning, match=r"x: the far embeddings have collapsed \(mean cosine similarity 1.0000"
+    ):
+        figures = embed.check_collapse(meta, np.concatenate([spread, collapsed]), "x")
+    assert figures["near"] < 0.1 and figures["far"] > 0.999
+    manifest.record_branch(tmp_path, "x", collapse=figures, parameters=1)
+    manifest.record_branch(tmp_path, "y", collapse={"near": 0.2}, parameters=1)
+    assert manifest.notes(tmp_path, ["x-knn-near", "y-knn-near", "baseline-MSE"]) == {
+        "x-knn-near": f"collapsed embeddings: far mean cosine {figures['far']:.6f}"
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_training_that_collapses_says_so(tone_index, tmp_path, monkeypatch):
+    monkeypatch.setattr(embed, "COLLAPSE_COSINE", -1.0)  # every model counts as collapsed
+    with pytest.warns(
+        UserWarning, match=r"t: after training, the embeddings of 24 training clips have collapsed .*lower lr"
+    ):
+        train.train(tone_index, _cfg(steps=1), tmp_path, progress=False)

@@ -4,7 +4,7 @@
 is learnt: with the parameter-free ``"stats"`` head (:class:`kit.heads.StatsPool`, mean and standard
 deviation of every band over the valid frames) it gives the classic per-clip log-mel statistics
 detector, run through the same embedding path (``kit.embed.extract``) and scoring backends as the
-trained branches. :func:`statistics_embedder` builds that embedder.
+trained branches. ``kit.train.statistics_embedder`` builds that embedder.
 
 Front-end, per clip at 16 kHz: power STFT (periodic Hann window, ``center=False``), an HTK mel
 filterbank without area normalisation (torchaudio's ``MelSpectrogram`` defaults), ``10 log10(x +
@@ -170,14 +170,3 @@ def from_checkpoint(path, **options) -> LogMel:
         f"the logmel backbone has no weights to load (got checkpoint {path!s}); "
         "use kit.backbones.load('logmel', config=...) without a checkpoint"
     )
-
-
-def statistics_embedder(config_name: str = DEFAULT_CONFIG, **options) -> nn.Module:
-    """The training-free embedder: :class:`LogMel` + the parameter-free ``"stats"`` head, giving
-    ``[mean; std]`` of every token channel over each clip's valid frames (``2 * embed_dim`` values).
-
-    A ``kit.train.Embedder`` in eval mode, ready for ``kit.embed.extract(embedder, index, ...)``."""
-    from kit import heads, train  # train imports the backbone factory: import here, not at load time
-
-    backbone = build(config_name, **options)
-    return train.Embedder(backbone, heads.make_head("stats", backbone.embed_dim, None)).eval()
