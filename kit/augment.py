@@ -4,7 +4,10 @@ All take an explicit ``torch.Generator`` so a training step is reproducible from
 alone; that is what lets an interrupted run resume onto exactly the same trajectory.
 
 Feature layout: every backbone's front-end puts time on dim -2 and frequency on dim -1
-(BEATs ``[B, T, 128]``, EAT ``[B, 1, T, 128]``, FISHER ``[B, T, F]``), so one SpecAugment serves all.
+(BEATs ``[B, T, 128]``, EAT ``[B, 1, T, 128]``, FISHER ``[B, T, F]``, cnn and logmel ``[B, T, mels]``),
+so one SpecAugment serves all. Training hands it to the backbone's forward call as
+``augment=lambda features, n_frames: spec(features, n_frames, generator)``; the backbone applies it
+between its front-end and its encoder, in training mode only.
 """
 
 from __future__ import annotations

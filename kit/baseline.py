@@ -262,8 +262,48 @@ def train_baseline(
     if clips.empty:
         raise ValueError(f"machine {machine!r} has no normal training clips")
     device = _resolve_device(device)
-    front_end = LogMel()
 
+    frames, clip_starts = _training_frames(clips, channel, device, progress, machine)
+    generator = torch.Generator().manual_seed(seed)
+    train_starts, validation_starts = _split_by_clip(clip_starts, validation_split, generator, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BaselineAutoencoder().to(device)
+    history = _fit(
+        model,
+        frames,
+        train_starts,
+        validation_starts,
+        epochs,
+        batch_size,
+        learning_rate,
+        generator,
+        progress,
+        machine,
+    )
+    precisions = _residual_precisions(model, frames, clip_starts, clips["domain"], machine)
+
+    settings = {
+        "sample_rate": SAMPLE_RATE,
+        "n_fft": N_FFT,
+        "hop_length": HOP_LENGTH,
+        "n_mels": N_MELS,
+        "n_frames": N_FRAMES,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "validation_split": validation_split,
+        "seed": seed,
+        "n_clips": len(clips),
+        "channel": channel,
+    }
+    return _save_model(model_path(run_dir, machine, channel), machine, settings, model, precisions, history)
+
+
+def _training_frames(clips: pd.DataFrame, channel: str, device, progress: bool, machine: str):
+    """Every training clip's log-mel frames in one tensor, and per clip the frame positions that
+    start a full 5-frame vector."""
+    front_end = LogMel()
     log_mels = [
         _clip_log_mel(path, front_end, channel).T
         for path in tqdm(clips["path"], desc=f"baseline features {machine}", disable=not progress)
@@ -271,24 +311,40 @@ def train_baseline(
     lengths = torch.tensor([len(m) for m in log_mels])
     first_frame = torch.cumsum(lengths, 0) - lengths
     frames = torch.cat(log_mels).to(device)
-    del log_mels
-    # Every frame position that starts a full 5-frame vector, per clip.
     clip_starts = [first_frame[i] + torch.arange(lengths[i] - N_FRAMES + 1) for i in range(len(clips))]
+    return frames, clip_starts
 
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(clips), generator=generator)
-    n_validation = int(round(validation_split * len(clips)))
-    if validation_split > 0 and len(clips) > 1:
-        n_validation = min(max(n_validation, 1), len(clips) - 1)
+
+def _split_by_clip(clip_starts, validation_split: float, generator, device):
+    """The vector starts of the training clips and of the held-out validation clips (held out by
+    clip, so overlapping frames never straddle the split)."""
+    order = torch.randperm(len(clip_starts), generator=generator)
+    n_validation = int(round(validation_split * len(clip_starts)))
+    if validation_split > 0 and len(clip_starts) > 1:
+        n_validation = min(max(n_validation, 1), len(clip_starts) - 1)
     validation_clips, training_clips = order[:n_validation], order[n_validation:]
     train_starts = torch.cat([clip_starts[i] for i in training_clips.tolist()]).to(device)
     validation_starts = (
         torch.cat([clip_starts[i] for i in validation_clips.tolist()]).to(device) if n_validation else None
     )
+    return train_starts, validation_starts
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BaselineAutoencoder().to(device)
+
+def _fit(
+    model,
+    frames,
+    train_starts,
+    validation_starts,
+    epochs,
+    batch_size,
+    learning_rate,
+    generator,
+    progress,
+    machine,
+):
+    """Adam on the mean squared reconstruction error, one shuffled pass over the vectors per epoch;
+    returns the loss history."""
+    device = frames.device
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     history = []
     bar = tqdm(range(epochs), desc=f"baseline train {machine}", disable=not progress)
@@ -311,34 +367,25 @@ def train_baseline(
             record["val_loss"] = _mean_reconstruction_error(model, frames, validation_starts, batch_size)
         history.append(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
+    return history
 
-    # MAHALA covariances from the residuals of every training clip, by domain.
+
+@torch.no_grad()
+def _residual_precisions(model, frames, clip_starts, domains, machine: str) -> dict[str, np.ndarray]:
+    """MAHALA's precision matrices from the residuals of every training clip, by domain."""
     model.eval()
     moments = _ResidualMoments()
-    with torch.no_grad():
-        for i, domain in enumerate(clips["domain"]):
-            x = _vector_batch(frames, clip_starts[i].to(device))
-            moments.add(domain, (x - model(x)).reshape(-1, N_MELS).cpu().numpy())
-    precisions = moments.precisions(machine)
+    for i, domain in enumerate(domains):
+        x = _vector_batch(frames, clip_starts[i].to(frames.device))
+        moments.add(domain, (x - model(x)).reshape(-1, N_MELS).cpu().numpy())
+    return moments.precisions(machine)
 
-    path = model_path(run_dir, machine, channel)
+
+def _save_model(path: Path, machine: str, settings: dict, model, precisions: dict, history: list) -> Path:
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "machine": machine,
-        "settings": {
-            "sample_rate": SAMPLE_RATE,
-            "n_fft": N_FFT,
-            "hop_length": HOP_LENGTH,
-            "n_mels": N_MELS,
-            "n_frames": N_FRAMES,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "validation_split": validation_split,
-            "seed": seed,
-            "n_clips": len(clips),
-            "channel": channel,
-        },
+        "settings": settings,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "precision": {domain: torch.from_numpy(p) for domain, p in precisions.items()},
         "history": history,

@@ -4,9 +4,10 @@
     dcase-kit metrics SCORES_DIR         official metrics of official-format score files
     dcase-kit COMMAND --help             the options and examples of one command
 
-Each subcommand hands its arguments to the ``main(argv)`` of one module, so ``python -m kit.X``
-keeps working with the same options; modules are imported only when their command runs, so a
-command whose module or packages are missing says so without breaking the others. Installed by
+Each subcommand hands its arguments to the ``main(argv, prog)`` of one module (a library module
+``kit.X`` or a tool ``kit.tools.X``), so ``python -m`` that module keeps working with the same
+options; modules are imported only when their command runs, so a command whose module or packages
+are missing says so without breaking the others. Installed by
 ``pip install -e .`` (``[project.scripts]`` in pyproject.toml).
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import inspect
 import sys
 from dataclasses import dataclass
 
@@ -61,11 +61,6 @@ COMMANDS = {
         "generate the embedded DCASE-2026-style dataset (synthetic machines, near/far stereo)",
         ("synth data/embedded", "synth /tmp/tiny --scale 0.25 --machines SynFan SynValve"),
     ),
-    "synth-check": Command(
-        "kit.synth_check",
-        "calibration of a generated dataset (1-NN on log-mel statistics)",
-        ("synth-check data/embedded", "synth-check data/embedded --channels near --metric euclidean"),
-    ),
     "mix": Command(
         "kit.mix",
         "semi-real near/far stereo clips from real mono recordings and real noise recordings",
@@ -74,20 +69,40 @@ COMMANDS = {
             "mix data/dcase2023 data/noise data/semireal --near-snr-db 0,10",
         ),
     ),
-    "bench": Command(
-        "kit.bench",
-        "backbone speed and memory benchmark (prints a table)",
-        ("bench backbones", "bench backbones --device cuda --batch 16 --backbones beats eat"),
-    ),
-    "bench-scoring": Command(
-        "kit.bench_scoring",
-        "scoring backends and fusion benchmark (prints a table)",
-        ("bench-scoring", "bench-scoring --blas-threads 1 --repeats 3"),
-    ),
     "train": Command(
         "kit.train",
         "fine-tune one backbone from a YAML config (run under torchrun for several GPUs)",
         ("train config.yaml --index runs/RUN/index.csv --run-dir runs/RUN",),
+    ),
+    # tools (kit/tools/): checks and benchmarks beside the library
+    "synth-check": Command(
+        "kit.tools.synth_check",
+        "calibration of a generated dataset (1-NN on log-mel statistics)",
+        ("synth-check data/embedded", "synth-check data/embedded --channels near --metric euclidean"),
+    ),
+    "benchmark": Command(
+        "kit.tools.benchmark",
+        "quality benchmark: one system over several seeds on a dataset (mean and spread table)",
+        (
+            "benchmark data/dcase2023_toycar --name toycar",
+            "benchmark embedded --system default",
+            "benchmark --tables runs/benchmark/toycar",
+        ),
+    ),
+    "bench": Command(
+        "kit.tools.bench",
+        "backbone and data loader speed and memory benchmark (prints a table)",
+        ("bench backbones", "bench backbones --device cuda --batch 16 --backbones beats eat", "bench loader"),
+    ),
+    "bench-scoring": Command(
+        "kit.tools.bench_scoring",
+        "scoring backends and fusion benchmark (prints a table)",
+        ("bench-scoring", "bench-scoring --blas-threads 1 --repeats 3"),
+    ),
+    "bench-denoise": Command(
+        "kit.tools.bench_denoise",
+        "far-channel canceller benchmark: milliseconds per clip (prints a table)",
+        ("bench-denoise", "bench-denoise --device cuda --batch 16 --backward"),
     ),
 }
 
@@ -110,7 +125,8 @@ def _top_help() -> str:
         f"commands:\n{commands}\n\n"
         f"examples:\n{examples}\n\n"
         f"`{PROG} COMMAND --help` shows a command's options and examples; every command is also\n"
-        "`python -m kit.<module>` (run: `python -m kit.pipeline` or ./run_all.sh).\n"
+        "`python -m MODULE` (synth: `python -m kit.synth`, bench: `python -m kit.tools.bench`;\n"
+        "run: `python -m kit.pipeline` or ./run_all.sh).\n"
     )
 
 
@@ -166,24 +182,11 @@ def _import(name: str, command: Command):
 
 
 def _call_main(module, argv: list[str], prog: str) -> int:
-    """``module.main(argv)``, with ``prog`` where the module takes it; argparse's default program
-    name comes from ``sys.argv[0]``, and a ``main()`` without arguments reads ``sys.argv``, so both
-    see ``prog`` and ``argv`` there for the duration of the call."""
-    main = module.main
-    parameters = inspect.signature(main).parameters
-    saved = sys.argv
-    sys.argv = [prog, *argv]
+    """``module.main(argv, prog=prog)``: every command module's main takes both."""
     try:
-        if "prog" in parameters:
-            result = main(argv, prog=prog)
-        elif parameters:
-            result = main(argv)
-        else:
-            result = main()
+        result = module.main(argv, prog=prog)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         result = exit_.code
-    finally:
-        sys.argv = saved
     if result is None:
         return 0
     if isinstance(result, int):

@@ -22,12 +22,13 @@ the organisers' declaration: their values must agree with the names, and they fi
 attributes of clips whose names carry none.
 
 Channels: 2026 clips are stereo, channel 0 = ``near`` microphone, channel 1 = ``far`` microphone.
-A mono clip (earlier years) only has ``near``. ``ClipDataset`` streams clips from disk, one item
-per (clip, channel), which is how the EAT-ASP system doubles its training data.
+A mono clip (earlier years) only has ``near``. Training and extraction read one item per (clip,
+channel), which is how the EAT-ASP system doubles its training data; a channel may also be one of the
+far-channel cancellers of ``kit.denoise`` (``w1``, ``ss``, ...), computed from the stereo clip.
 
 Reading is lean: ``read_clip(path, channel, length_policy, rng)`` draws the crop from the frame count
 in the WAV header first and then decodes only that window (``load_audio(..., start=, frames=)``),
-with results equal to decoding the whole clip and cutting it (``python -m kit.bench loader``
+with results equal to decoding the whole clip and cutting it (``python -m kit.tools.bench loader``
 measures the difference).
 """
 
@@ -47,7 +48,6 @@ import pandas as pd
 import soundfile as sf
 import torch
 import torchaudio.functional as audio_functional
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from kit import denoise
@@ -726,7 +726,7 @@ def _channel_tuple(channels: str | Sequence[str]) -> tuple[str, ...]:
 
 def expand_channels(df: pd.DataFrame, channels: str | Sequence[str] = ("near",)) -> pd.DataFrame:
     """One row per (clip, channel), clip-major, with columns ``channel`` and ``row`` (the clip's
-    position in ``df``). This is the frame the label builders and ``ClipDataset`` items use."""
+    position in ``df``): the frame the label builders take."""
     channels = _channel_tuple(channels)
     if "channel" in df.columns:
         raise ValueError("the frame already has a 'channel' column (already expanded by channel?)")
@@ -737,123 +737,13 @@ def expand_channels(df: pd.DataFrame, channels: str | Sequence[str] = ("near",))
     return items
 
 
-def _first_mono(df: pd.DataFrame) -> str | None:
-    if "channels" not in df.columns:
-        return None
-    mono = df["channels"].fillna(2) < 2  # unprobed clips are checked when they are read
-    return str(df.loc[mono, "path"].iloc[0]) if mono.any() else None
-
-
-class ClipDataset(Dataset):
-    """Clips streamed from disk, one item per (clip, channel); nothing is cached.
-
-    Items are dicts: ``wave`` (float32 tensor [T], or [2, T] = near, far with ``pair_channels``),
-    ``length`` (samples of real audio in ``wave``), ``label`` (int, -1 when none), ``row`` (the
-    clip's position in ``index_df``) and ``channel`` ("near", "far" or "both").
-
-    ``labels`` is None, a scheme name for ``make_labels`` (classes then in ``.classes``), or an int
-    array with one code per item (aligned with ``.items``) or per clip (repeated over channels).
-    Random crops are drawn from (seed, epoch, item): call ``set_epoch`` before each epoch for
-    fresh crops; results do not depend on DataLoader workers.
-    """
-
-    def __init__(
-        self,
-        index_df: pd.DataFrame,
-        channels: str | Sequence[str] = ("near",),
-        length: LengthPolicy | None = None,
-        labels: str | Sequence[int] | np.ndarray | None = None,
-        seed: int = 0,
-        *,
-        pair_channels: bool = False,
-        sample_rate: int = SAMPLE_RATE,
-    ):
-        channels = _channel_tuple(channels)
-        self.length = length if length is not None else LengthPolicy()
-        if self.length.mode != "none" and self.length.sample_rate != sample_rate:
-            raise ValueError(
-                f"length policy counts samples at {self.length.sample_rate} Hz "
-                f"but audio is loaded at {sample_rate} Hz"
-            )
-        if pair_channels and channels != ("near", "far"):
-            raise ValueError(
-                "pair_channels=True returns near and far together: "
-                f"pass channels=('near', 'far'), got {channels}"
-            )
-        index_df = index_df.reset_index(drop=True)
-        mono = _first_mono(index_df) if any(needs_stereo(c) for c in channels) else None
-        if mono is not None:
-            raise DatasetError(f"mono clip {mono} has no far channel: use channels=('near',) for mono data")
-        if pair_channels:
-            self.items = index_df.assign(channel="both", row=np.arange(len(index_df)))
-        else:
-            self.items = expand_channels(index_df, channels)
-        self.labels, self.classes = self._resolve_labels(labels, len(index_df), pair_channels)
-        self.sample_rate = sample_rate
-        self.seed = seed
-        self.epoch = 0
-        self._paths = self.items["path"].astype(str).to_numpy()
-        self._channels = self.items["channel"].to_numpy()
-        self._rows = self.items["row"].to_numpy()
-
-    def _resolve_labels(self, labels, n_clips: int, pair_channels: bool) -> tuple[np.ndarray, list[str]]:
-        if labels is None:
-            return np.full(len(self.items), -1, dtype=np.int64), []
-        if isinstance(labels, str):
-            frame = self.items.drop(columns="channel") if pair_channels else self.items
-            return make_labels(frame, labels)
-        codes = np.asarray(labels)
-        if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(
-                f"labels must be a 1-D integer array, got shape {codes.shape} dtype {codes.dtype}"
-            )
-        if len(codes) == len(self.items):
-            return codes.astype(np.int64), []
-        if len(codes) == n_clips:
-            return codes[self.items["row"].to_numpy()].astype(np.int64), []
-        raise ValueError(
-            f"labels has {len(codes)} entries: "
-            f"expected one per item ({len(self.items)}) or per clip ({n_clips})"
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, item: int) -> dict:
-        channel = self._channels[item]
-        rng = np.random.default_rng([self.seed, self.epoch, item])
-        wave, valid = read_clip(self._paths[item], channel, self.length, rng, sample_rate=self.sample_rate)
-        return {
-            "wave": torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
-            "length": int(valid),
-            "label": int(self.labels[item]),
-            "row": int(self._rows[item]),
-            "channel": str(channel),
-        }
-
-
-def collate_clips(batch: Sequence[dict]) -> dict:
-    """Stack ``ClipDataset`` items, zero-padding to the longest: waves [B, T] (or [B, 2, T]),
-    lengths [B], labels [B], rows [B] (int64 tensors) and channels (list of str)."""
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    shapes = {tuple(item["wave"].shape[:-1]) for item in batch}
-    if len(shapes) != 1:
-        raise ValueError(f"cannot collate waves with different channel layouts {sorted(shapes)}")
-    max_len = max(item["wave"].shape[-1] for item in batch)
-    waves = torch.zeros((len(batch), *shapes.pop(), max_len), dtype=torch.float32)
-    for slot, item in zip(waves, batch):
-        slot[..., : item["wave"].shape[-1]] = item["wave"]
-    return {
-        "waves": waves,
-        "lengths": torch.tensor([item["length"] for item in batch], dtype=torch.int64),
-        "labels": torch.tensor([item["label"] for item in batch], dtype=torch.int64),
-        "rows": torch.tensor([item["row"] for item in batch], dtype=torch.int64),
-        "channels": [item["channel"] for item in batch],
-    }
+def pad_waves(waves: Sequence[np.ndarray], min_length: int = 0) -> torch.Tensor:
+    """Stack 1-D waves into ``[B, T]`` float32, zero-padded at the end to the longest (at least
+    ``min_length`` samples): the one padding of training and extraction batches."""
+    out = torch.zeros(len(waves), max([min_length] + [len(w) for w in waves]))
+    for row, wave in zip(out, waves):
+        row[: len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -617,9 +617,9 @@ def _unpacked_before(note: Path, archive: Archive, root: Path) -> Path | None:
 # command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m kit.download") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kit.download",
+        prog=prog,
         description="Download the official DCASE 2026 Task 2 archives from Zenodo and unpack them into "
         "ROOT/dev_data/raw/<machine>/ and ROOT/eval_data/raw/<machine>/ (the official baseline's layout). "
         "Interrupted downloads resume; re-runs skip what is in place.",

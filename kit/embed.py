@@ -3,7 +3,7 @@
 Every clip of the index is embedded once per channel (near, far) by a fine-tuned embedder, streamed in
 batches of clips of similar duration (little padding; the backbones are batch invariant, so padding
 does not change a clip's embedding). Results are cached under
-``<run_dir>/embeddings/<name>-<key>/{meta.csv, emb.npy}``, where ``key`` hashes the model weights,
+``<run_dir>/embeddings/<name>-<key>/{items.csv, emb.npy}``, where ``key`` hashes the model weights,
 the clips (path, size, modification time), the channels, the length policy and the windowing: a re-run
 with the same inputs loads the cache instead of recomputing, and any change gives a new key.
 
@@ -172,9 +172,7 @@ def _embed_waves(embedder, waves, lengths, device, prec, batch_size: int) -> np.
     for start in range(0, len(waves), batch_size):
         part = waves[start : start + batch_size]
         valid = torch.tensor(lengths[start : start + batch_size])
-        padded = torch.zeros(len(part), max(len(w) for w in part))
-        for j, w in enumerate(part):
-            padded[j, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        padded = data.pad_waves(part)
         with prec.autocast():
             out.append(embedder(padded.to(device, non_blocking=True), valid.to(device)).float().cpu().numpy())
     return np.concatenate(out)
@@ -269,12 +267,12 @@ def collapse_figure(emb: np.ndarray, sample: int = 512, seed: int = 0) -> float:
     return float((total @ total - n) / (n * (n - 1)))  # the mean of the off-diagonal cosines
 
 
-def check_collapse(meta: pd.DataFrame, emb: np.ndarray, name: str) -> dict[str, float]:
+def check_collapse(items: pd.DataFrame, emb: np.ndarray, name: str) -> dict[str, float]:
     """``{channel: collapse_figure}``, with a warning naming the branch where it exceeds
     ``COLLAPSE_COSINE``."""
     figures = {}
-    for channel in dict.fromkeys(meta["channel"]):
-        rows = (meta["channel"] == channel).to_numpy()
+    for channel in dict.fromkeys(items["channel"]):
+        rows = (items["channel"] == channel).to_numpy()
         figures[channel] = figure = collapse_figure(emb[rows])
         if figure >= COLLAPSE_COSINE:
             warnings.warn(
@@ -307,7 +305,7 @@ def compute_embeddings(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Embed every clip of ``index`` for every channel. Returns ``(meta, emb)``: ``meta`` holds the
+    """Embed every clip of ``index`` for every channel. Returns ``(items, emb)``: ``items`` holds the
     index columns plus ``channel``, one row per (clip, channel) in index order, channel-major.
 
     ``length`` brings each clip to length first (the backbone is told how many samples are audio, so
@@ -324,13 +322,7 @@ def compute_embeddings(
     prec = precision_policy.resolve(precision, device)
     embedder = embedder.to(device).eval()
     index = index.reset_index(drop=True)
-    stereo_channels = [c for c in channels if data.needs_stereo(c)]
-    if stereo_channels and (index["channels"] < 2).any():
-        mono = index.loc[index["channels"] < 2, "path"].iloc[0]
-        raise ValueError(
-            f"channel {stereo_channels[0]!r} needs the far microphone but {mono} is mono; "
-            "embed channels=('near',) for mono data"
-        )
+    data.usable_channels(channels, index)  # a channel that needs the far microphone on mono data fails
     longest = float(index["duration"].max()) if length.mode == "none" else float(length.seconds)
     _warn_if_cut(embedder, longest, window)
     batches = _batches(index, batch_size)
@@ -362,8 +354,8 @@ def compute_embeddings(
             hint = " (fp16 overflow? try precision='fp32')" if prec.mode == "fp16" else ""
             raise FloatingPointError(f"non-finite embedding for {bad} ({channel} channel){hint}")
     parts = [out[channel] for channel in channels]
-    metas = [index.assign(channel=channel) for channel in channels]
-    return pd.concat(metas, ignore_index=True), np.concatenate(parts)
+    tables = [index.assign(channel=channel) for channel in channels]
+    return pd.concat(tables, ignore_index=True), np.concatenate(parts)
 
 
 def extract(
@@ -384,7 +376,7 @@ def extract(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray, Path]:
-    """``compute_embeddings`` behind the cache. Returns ``(meta, emb, cache_folder)``."""
+    """``compute_embeddings`` behind the cache. Returns ``(items, emb, cache_folder)``."""
     length = length or data.LengthPolicy(mode="none")
     window = _check_window(window_seconds, window_hop)
     fingerprint = data_fingerprint(index, channels, length, window, mask_padding, front_end_settings)
@@ -392,9 +384,9 @@ def extract(
         fingerprint += precision
     key = hashlib.sha1((model_fingerprint(embedder) + fingerprint).encode())
     folder = Path(run_dir) / "embeddings" / f"{name}-{key.hexdigest()[:12]}"
-    if (folder / "emb.npy").exists() and (folder / "meta.csv").exists():
+    if (folder / "emb.npy").exists() and (folder / "items.csv").exists():
         return load(folder) + (folder,)
-    meta, emb = compute_embeddings(
+    items, emb = compute_embeddings(
         embedder,
         index,
         channels=channels,
@@ -411,24 +403,26 @@ def extract(
     )
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        meta.to_csv(tmp / "meta.csv", index=False)
+        items.to_csv(tmp / "items.csv", index=False)
         np.save(tmp / "emb.npy", emb)
-    return meta, emb, folder
+    return items, emb, folder
 
 
 def load(folder: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
-    """Read a cached ``(meta, emb)`` pair."""
+    """Read a cached ``(items, emb)`` pair."""
     folder = Path(folder)
-    for part in ("meta.csv", "emb.npy"):
+    for part in ("items.csv", "emb.npy"):
         if not (folder / part).exists():
             raise FileNotFoundError(
                 f"{folder / part} not found: not an embedding folder written by kit.embed"
             )
-    meta = pd.read_csv(folder / "meta.csv", dtype={"section": str, "attributes": str}, keep_default_na=False)
+    items = pd.read_csv(
+        folder / "items.csv", dtype={"section": str, "attributes": str}, keep_default_na=False
+    )
     emb = np.load(folder / "emb.npy")
-    if len(meta) != len(emb):
-        raise ValueError(f"{folder}: meta.csv has {len(meta)} rows but emb.npy has {len(emb)}")
-    return meta, emb
+    if len(items) != len(emb):
+        raise ValueError(f"{folder}: items.csv has {len(items)} rows but emb.npy has {len(emb)}")
+    return items, emb
 
 
 def latest(run_dir: str | os.PathLike, name: str) -> Path:

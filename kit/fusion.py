@@ -100,7 +100,7 @@ def normalise(scores: pd.DataFrame, by: str = "train") -> pd.DataFrame:
 # Alignment and fusion
 # --------------------------------------------------------------------------------------------------
 def _aligned(branch_scores: Mapping[str, pd.DataFrame], normalise_by: str | None):
-    """``(meta, matrix [clips, branches], names)``: the branches' (normalised) scores side by side."""
+    """``(clips, matrix [clips, branches], names)``: the branches' (normalised) scores side by side."""
     if not isinstance(branch_scores, Mapping) or not branch_scores:
         raise ValueError("branch_scores must be a non-empty dict of name -> scores DataFrame")
     names = list(branch_scores)
@@ -130,10 +130,10 @@ def _aligned(branch_scores: Mapping[str, pd.DataFrame], normalise_by: str | None
             )
         same_channel &= bool((aligned["channel"].to_numpy() == first["channel"].to_numpy()).all())
         columns.append(aligned["score"].to_numpy(dtype=float))
-    meta = first[SCORE_COLUMNS[:-1]].copy()
+    clips = first[SCORE_COLUMNS[:-1]].copy()
     if not same_channel:
-        meta["channel"] = "fused"
-    return meta, np.stack(columns, axis=1), names
+        clips["channel"] = "fused"
+    return clips, np.stack(columns, axis=1), names
 
 
 def _weight_vector(weights: Mapping[str, float], names: list[str]) -> np.ndarray:
@@ -164,14 +164,14 @@ def fuse(
     machine, section, split, file_name); branches must cover the same clips. The ``channel`` column
     is kept when every branch has the same, else it reads ``"fused"``.
     """
-    meta, matrix, names = _aligned(branch_scores, normalise_by)
+    clips, matrix, names = _aligned(branch_scores, normalise_by)
     if isinstance(weights, str):
         if weights not in LABEL_FREE_RULES:
             raise ValueError(f"weights must be a dict or one of {LABEL_FREE_RULES}, got {weights!r}")
         fused = matrix.mean(axis=1) if weights == "mean" else matrix.max(axis=1)
     else:
         fused = matrix @ _weight_vector(weights, names)
-    return meta.assign(score=fused)[SCORE_COLUMNS]
+    return clips.assign(score=fused)[SCORE_COLUMNS]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,16 +183,16 @@ def official_objective(scores: pd.DataFrame) -> float:
     return metrics.official_score(sections[["auc_source", "auc_target", "pauc"]].to_numpy().ravel())
 
 
-def _official_score_of_vectors(meta: pd.DataFrame) -> Callable[[np.ndarray], float]:
-    """``official_objective`` as a function of a score vector over ``meta``'s rows.
+def _official_score_of_vectors(clips: pd.DataFrame) -> Callable[[np.ndarray], float]:
+    """``official_objective`` as a function of a score vector over ``clips``'s rows.
 
     The search evaluates the objective dozens of times on the same clips: the section masks are
     built once here (``kit.metrics.section_metrics`` checks the sections once, with its errors), and
     each call is the same sklearn AUC/pAUC calls and floored harmonic mean.
     """
-    metrics.section_metrics(meta.assign(score=0.0))
+    metrics.section_metrics(clips.assign(score=0.0))
     sections = []
-    for _, group in meta.groupby(["machine", "section"], sort=True):
+    for _, group in clips.groupby(["machine", "section"], sort=True):
         rows = group.index.to_numpy()
         anomalous = (group["label"] == "anomaly").to_numpy()
         target = (group["domain"] == "target").to_numpy()
@@ -235,17 +235,17 @@ class _FewRestartsUCB(acquisition.UpperConfidenceBound):
         )
 
 
-def _development_test_rows(meta: pd.DataFrame) -> np.ndarray:
-    rows = ((meta["dataset"] == "dev") & (meta["split"] == "test")).to_numpy()
+def _development_test_rows(clips: pd.DataFrame) -> np.ndarray:
+    rows = ((clips["dataset"] == "dev") & (clips["split"] == "test")).to_numpy()
     if not rows.any():
         raise ValueError(
             "the weight search needs development test clips (dataset 'dev', split 'test'); none found"
         )
-    unlabelled = ~meta.loc[rows, "label"].isin(["normal", "anomaly"]) | ~meta.loc[rows, "domain"].isin(
+    unlabelled = ~clips.loc[rows, "label"].isin(["normal", "anomaly"]) | ~clips.loc[rows, "domain"].isin(
         ["source", "target"]
     )
     if unlabelled.any():
-        clip = meta.loc[rows].loc[unlabelled.to_numpy(), CLIP_KEY].iloc[0].tolist()
+        clip = clips.loc[rows].loc[unlabelled.to_numpy(), CLIP_KEY].iloc[0].tolist()
         raise ValueError(
             f"the weight search needs labels and domains of the development test clips; {int(unlabelled.sum())} "
             f"are unknown (e.g. {clip})"
@@ -280,10 +280,10 @@ def search_weights(
     clashing = sorted({"step", "phase", "objective"} & set(branch_scores))
     if clashing:
         raise ValueError(f"branch names {clashing} clash with the search history's columns; rename them")
-    meta, matrix, names = _aligned(branch_scores, normalise_by)
-    rows = _development_test_rows(meta)
-    evaluated_meta, evaluated = meta[rows].reset_index(drop=True), matrix[rows]
-    official = _official_score_of_vectors(evaluated_meta) if objective is None else None
+    clips, matrix, names = _aligned(branch_scores, normalise_by)
+    rows = _development_test_rows(clips)
+    evaluated_clips, evaluated = clips[rows].reset_index(drop=True), matrix[rows]
+    official = _official_score_of_vectors(evaluated_clips) if objective is None else None
     parameter = {name: f"w{i}" for i, name in enumerate(names)}  # optimiser-safe keys, any branch names
     history: list[dict] = []
 
@@ -291,7 +291,9 @@ def search_weights(
         vector = np.array([raw[parameter[name]] for name in names], dtype=float)
         vector = vector / vector.sum() if vector.sum() > 0 else np.full(len(names), 1.0 / len(names))
         fused = evaluated @ vector
-        value = official(fused) if objective is None else float(objective(evaluated_meta.assign(score=fused)))
+        value = (
+            official(fused) if objective is None else float(objective(evaluated_clips.assign(score=fused)))
+        )
         if not math.isfinite(value):
             raise ValueError(f"the objective returned {value} for weights {dict(zip(names, vector))}")
         history.append({"step": len(history), "phase": phase, **dict(zip(names, vector)), "objective": value})
@@ -377,12 +379,12 @@ def load_weights(path: str | os.PathLike) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 # An honest estimate of the searched fusion
 # --------------------------------------------------------------------------------------------------
-def _half_folds(meta: pd.DataFrame, rows: np.ndarray, seed: int) -> np.ndarray:
+def _half_folds(clips: pd.DataFrame, rows: np.ndarray, seed: int) -> np.ndarray:
     """Fold 0/1 for the development test rows: halves drawn within each (machine, section, domain,
     label) cell, so both halves hold every kind of clip."""
-    folds = np.full(len(meta), -1)
+    folds = np.full(len(clips), -1)
     rng = np.random.default_rng(seed)
-    test = meta[rows]
+    test = clips[rows]
     for _, cell in test.groupby(["machine", "section", "domain", "label"], sort=True):
         order = rng.permutation(cell.index.to_numpy())
         folds[order] = (np.arange(len(order)) + rng.integers(2)) % 2  # alternate from a random fold
@@ -408,9 +410,9 @@ def held_out_fusion(
     Returns the fused scores (same rows as ``fuse``) and the weights of each fold. The official score of
     these scores estimates the searched fusion's score on new data; the score of ``search_weights``
     itself is fitted on the labels it is measured on."""
-    meta, _, names = _aligned(branch_scores, None)
-    rows = _development_test_rows(meta)
-    machines = sorted(meta.loc[rows, "machine"].unique())
+    clips, _, names = _aligned(branch_scores, None)
+    rows = _development_test_rows(clips)
+    machines = sorted(clips.loc[rows, "machine"].unique())
     if folds == "auto":
         folds = "machine" if len(machines) >= 2 else "half"
     if folds == "machine":
@@ -419,19 +421,21 @@ def held_out_fusion(
                 "leave-one-machine-out needs two or more development machine types; use folds='half'"
             )
         # a machine's training clips (scored for thresholds, never labelled) follow its test clips
-        in_dev = (meta["dataset"] == "dev").to_numpy()
-        fold_of = np.where(in_dev, meta["machine"].map({m: i for i, m in enumerate(machines)}).fillna(-1), -1)
+        in_dev = (clips["dataset"] == "dev").to_numpy()
+        fold_of = np.where(
+            in_dev, clips["machine"].map({m: i for i, m in enumerate(machines)}).fillna(-1), -1
+        )
         fold_of = fold_of.astype(int)
     elif folds == "half":
-        fold_of = _half_folds(meta, rows, seed)
-        fold_of[(meta["split"] == "train").to_numpy() & (meta["dataset"] == "dev").to_numpy()] = 0
+        fold_of = _half_folds(clips, rows, seed)
+        fold_of[(clips["split"] == "train").to_numpy() & (clips["dataset"] == "dev").to_numpy()] = 0
     else:
         raise ValueError(f"folds must be 'auto', 'machine' or 'half', got {folds!r}")
     fused = fuse(branch_scores, "mean", normalise_by=normalise_by).reset_index(drop=True)
-    key = pd.MultiIndex.from_frame(meta[CLIP_KEY])
+    key = pd.MultiIndex.from_frame(clips[CLIP_KEY])
     weights_per_fold = []
     for fold in sorted(set(fold_of[rows].tolist())):
-        held = pd.MultiIndex.from_frame(meta.loc[(fold_of == fold) & rows, CLIP_KEY])  # its labelled clips
+        held = pd.MultiIndex.from_frame(clips.loc[(fold_of == fold) & rows, CLIP_KEY])  # its labelled clips
         if (rows & (fold_of != fold)).sum() == 0:
             raise ValueError(
                 f"fold {fold} holds every labelled development test clip: nothing left to fit on"

@@ -27,7 +27,7 @@ recordings with several channels are averaged to mono. Every clip draws from its
 atomically and a finished file is skipped, so an interrupted run resumes. Also written:
 ``mix_manifest.json`` (the parameters; a second call with the same ones returns at once, other ones are
 refused) and ``mix_clips.csv`` (per clip: the drawn levels, the noise segments used, the output gain).
-The paths and rooms are drawn as ``kit.synth`` draws them, with the same defaults. ``kit.synth_check``
+The paths and rooms are drawn as ``kit.synth`` draws them, with the same defaults. ``kit.tools.synth_check``
 reads the manifest to score the ``clean`` channel (the mono clip times its output gain) beside the near,
 far and cancelled channels.
 """
@@ -475,8 +475,8 @@ def _range(text: str) -> tuple[float, float]:
     return tuple(float(v) for v in text.split(","))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kit.mix", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kit.mix") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("mono_root", help="mono dataset root: <root>/{dev,eval}_data/raw/<machine>/...")
     parser.add_argument("noise_dir", help="folder of noise recordings (every *.wav below it)")
     parser.add_argument("out_root", help="folder to write the stereo dataset into (empty or a kit.mix one)")

@@ -36,7 +36,7 @@ def training_curves(history: pd.DataFrame, path=None, title: str = "") -> plt.Fi
 
 
 def embedding_projection(
-    meta: pd.DataFrame,
+    items: pd.DataFrame,
     emb: np.ndarray,
     path=None,
     color_by=("machine", "domain", "channel"),
@@ -50,10 +50,10 @@ def embedding_projection(
     x = x - x.mean(0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     xy = x @ vt[:2].T
-    columns = [c for c in color_by if c in meta.columns]
+    columns = [c for c in color_by if c in items.columns]
     fig, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 4.2), squeeze=False)
     for ax, column in zip(axes[0], columns):
-        values = meta[column].iloc[keep].astype(str).to_numpy()
+        values = items[column].iloc[keep].astype(str).to_numpy()
         for value in sorted(set(values)):
             sel = values == value
             ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, label=value)

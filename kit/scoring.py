@@ -314,27 +314,11 @@ def score_group(
         raise ValueError(
             f"train_domain has {len(train_domain)} entries for {len(train_emb)} training embeddings"
         )
-    if not isinstance(smote, (int, np.integer)) or smote < 0:
-        raise ValueError(f"smote must be a non-negative integer, got {smote!r}")
-    if smote and backend != "knn":
-        raise ValueError("smote oversampling applies to the knn backend only")
+    _check_smote(smote, backend, train_domain)
     _check_normalisation(normalisation, backend, separate_domains, smote, density_k)
     loo = _check_loo_index(loo_index, len(test_emb), len(train_emb))
-
-    if separate_domains:
-        unknown = sorted(set(train_domain) - {"source", "target"})
-        if unknown:
-            raise ValueError(f"separate_domains needs training domains 'source'/'target', found {unknown}")
-        reference_sets = [np.flatnonzero(train_domain == "source"), np.flatnonzero(train_domain == "target")]
-        for name, rows in zip(("source", "target"), reference_sets):
-            if len(rows) == 0:
-                raise ValueError(f"separate_domains=True but the group has no {name} training clips")
-    else:
-        reference_sets = [np.arange(len(train_emb))]
-
+    reference_sets = _reference_sets(train_domain, separate_domains)
     target_rows = np.flatnonzero(train_domain == "target")
-    if smote and len(target_rows) < 2:
-        raise ValueError(f"smote needs at least 2 target training clips, the group has {len(target_rows)}")
 
     scores = np.full(len(test_emb), np.inf)
     for rows in reference_sets:
@@ -357,6 +341,30 @@ def score_group(
     if not np.isfinite(scores).all():
         raise ValueError(f"k={k} leaves some clips without {k} references once their own clip is left out")
     return scores
+
+
+def _check_smote(smote, backend: str, train_domain: np.ndarray) -> None:
+    if not isinstance(smote, (int, np.integer)) or smote < 0:
+        raise ValueError(f"smote must be a non-negative integer, got {smote!r}")
+    if smote and backend != "knn":
+        raise ValueError("smote oversampling applies to the knn backend only")
+    n_target = int((train_domain == "target").sum())
+    if smote and n_target < 2:
+        raise ValueError(f"smote needs at least 2 target training clips, the group has {n_target}")
+
+
+def _reference_sets(train_domain: np.ndarray, separate_domains: bool) -> list[np.ndarray]:
+    """The training rows of each reference set: all of them, or the source and the target clips."""
+    if not separate_domains:
+        return [np.arange(len(train_domain))]
+    unknown = sorted(set(train_domain) - {"source", "target"})
+    if unknown:
+        raise ValueError(f"separate_domains needs training domains 'source'/'target', found {unknown}")
+    sets = [np.flatnonzero(train_domain == "source"), np.flatnonzero(train_domain == "target")]
+    for name, rows in zip(("source", "target"), sets):
+        if len(rows) == 0:
+            raise ValueError(f"separate_domains=True but the group has no {name} training clips")
+    return sets
 
 
 def _check_loo_index(loo_index, n_test: int, n_train: int) -> np.ndarray | None:
@@ -453,22 +461,22 @@ def _mahalanobis_reference_set(test_emb, train_emb, rows, shrinkage, loo) -> np.
 # --------------------------------------------------------------------------------------------------
 # Whole embedding sets: groups and channel policies
 # --------------------------------------------------------------------------------------------------
-_META_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain", "label", "channel"]
+_ITEM_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain", "label", "channel"]
 
 
-def _check_meta(meta: pd.DataFrame, emb: np.ndarray) -> None:
-    missing = [c for c in _META_COLUMNS if c not in meta.columns]
+def _check_items(items: pd.DataFrame, emb: np.ndarray) -> None:
+    missing = [c for c in _ITEM_COLUMNS if c not in items.columns]
     if missing:
-        raise ValueError(f"embedding meta lacks columns {missing}; it needs {_META_COLUMNS}")
-    if len(meta) != len(emb):
-        raise ValueError(f"embedding meta has {len(meta)} rows but the embedding matrix has {len(emb)}")
-    channels = sorted(set(meta["channel"]) - set(data.channel_names()))
+        raise ValueError(f"embedding items lack columns {missing}; it needs {_ITEM_COLUMNS}")
+    if len(items) != len(emb):
+        raise ValueError(f"embedding items have {len(items)} rows but the embedding matrix has {len(emb)}")
+    channels = sorted(set(items["channel"]) - set(data.channel_names()))
     if channels:
-        raise ValueError(f"embedding meta channel must be one of {data.channel_names()}, found {channels}")
-    duplicated = meta.duplicated(CLIP_KEY + ["channel"])
+        raise ValueError(f"embedding items: channel must be one of {data.channel_names()}, found {channels}")
+    duplicated = items.duplicated(CLIP_KEY + ["channel"])
     if duplicated.any():
-        row = meta.loc[duplicated, CLIP_KEY + ["channel"]].iloc[0].tolist()
-        raise ValueError(f"embedding meta holds clip {row} more than once")
+        row = items.loc[duplicated, CLIP_KEY + ["channel"]].iloc[0].tolist()
+        raise ValueError(f"embedding items hold clip {row} more than once")
 
 
 def _score_channel(
@@ -528,12 +536,14 @@ def _paired_channels(group: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
             f"clip {first[CLIP_KEY].tolist()} has no {side} embedding: this channel policy needs near and far "
             f"for every clip ({len(unpaired)} clips unpaired)"
         )
-    paired = paired.sort_values("index_near", kind="stable")  # an outer merge sorts by key; keep meta order
+    paired = paired.sort_values(
+        "index_near", kind="stable"
+    )  # an outer merge sorts by key; keep the items' order
     return paired["index_near"].to_numpy(dtype=int), paired["index_far"].to_numpy(dtype=int)
 
 
 def score_embeddings(
-    meta: pd.DataFrame,
+    items: pd.DataFrame,
     emb,
     *,
     backend: str = "knn",
@@ -548,7 +558,7 @@ def score_embeddings(
     density_k: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Score every clip of ``(meta, emb)`` per (dataset, machine, section) group.
+    """Score every clip of ``(items, emb)`` per (dataset, machine, section) group.
 
     References are the group's normal training clips of the same channel; training clips are scored
     leave-one-out. ``backend``, ``k``, ``separate_domains``, ``smote``, ``shrinkage``, ``seed``,
@@ -576,9 +586,9 @@ def score_embeddings(
             f"({', '.join(data.channel_names())}), got {channel_policy!r}"
         )
     emb = _as_matrix("emb", emb)
-    _check_meta(meta, emb)
-    meta = meta.reset_index(drop=True)
-    candidates = ["near"] + [c for c in dict.fromkeys(meta["channel"]) if c not in ("near", "far")]
+    _check_items(items, emb)
+    items = items.reset_index(drop=True)
+    candidates = ["near"] + [c for c in dict.fromkeys(items["channel"]) if c not in ("near", "far")]
     options = dict(
         backend=backend,
         k=k,
@@ -591,7 +601,7 @@ def score_embeddings(
     )
 
     parts = []
-    groups = meta.groupby(GROUP_COLUMNS, sort=False)
+    groups = items.groupby(GROUP_COLUMNS, sort=False)
     for _, group in tqdm(
         groups, total=groups.ngroups, desc=f"score {backend}/{channel_policy}", disable=not progress
     ):
@@ -607,7 +617,7 @@ def score_embeddings(
             scores = _score_channel(clips, emb[clips.index.to_numpy()], options, include_train)
         else:
             near_rows, far_rows = _paired_channels(group)
-            clips = meta.loc[near_rows]
+            clips = items.loc[near_rows]
             if channel_policy == "mean":
                 near_scores = _score_channel(clips, emb[near_rows], options, include_train)
                 far_scores = _score_channel(clips, emb[far_rows], options, include_train)
@@ -620,7 +630,7 @@ def score_embeddings(
                 residual = emb[near_rows].astype(np.float32) - emb[far_rows].astype(np.float32)
                 residual = _unit_rows("near - far residual", residual)
                 scores = _score_channel(clips, residual, options, include_train)
-        part = clips[_META_COLUMNS].assign(channel=label, score=scores)
+        part = clips[_ITEM_COLUMNS].assign(channel=label, score=scores)
         parts.append(part if include_train else part[part["split"] != "train"])
     if not parts:
         return pd.DataFrame(columns=SCORE_COLUMNS)
@@ -705,15 +715,15 @@ def score_branches(
 ) -> dict[str, pd.DataFrame]:
     """Every (branch, backend, channel policy) combination: ``{"<branch>-<backend>-<policy>": scores}``.
 
-    ``embeddings`` maps a branch name to its ``(meta, emb)``; ``options`` go to ``score_embeddings``
+    ``embeddings`` maps a branch name to its ``(items, emb)``; ``options`` go to ``score_embeddings``
     (a value given as ``{backend: value}`` applies to that backend only). Policies over channels a
     branch has not embedded (far, a canceller) are skipped; ``auto`` is there whenever near is (it
     is the near channel where no canceller was embedded, so a fusion list naming it runs on any data). A
     combination whose training scores are degenerate (``DegenerateScoresError``) is left out with a
     warning naming it, so one collapsed branch does not stop the others from being scored."""
     systems = {}
-    for branch, (meta, emb) in embeddings.items():
-        present = set(meta["channel"])
+    for branch, (items, emb) in embeddings.items():
+        present = set(items["channel"])
         for backend in backends:
             for policy in channel_policies:
                 if not _policy_applies(policy, present):
@@ -721,7 +731,7 @@ def score_branches(
                 name = f"{branch}-{backend}-{policy}"
                 try:
                     systems[name] = score_embeddings(
-                        meta, emb, backend=backend, channel_policy=policy, **_for_backend(options, backend)
+                        items, emb, backend=backend, channel_policy=policy, **_for_backend(options, backend)
                     )
                 except DegenerateScoresError as err:
                     warnings.warn(f"{name} left out: {err}", stacklevel=2)

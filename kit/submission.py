@@ -697,8 +697,26 @@ def _system_problems(
     problems = []
     if not LABEL_PATTERN.match(label):
         problems.append(f"{prefix}: folder name {label!r} does not match {LABEL_FORM}")
+    score_files, decision_files, naming = _classify_files(label, files, prefix)
+    problems += naming + _meta_file_problems(label, files, prefix)
+    if not score_files and not decision_files:
+        problems.append(f"{prefix}: no anomaly_score_<machine>_section_<XX>_test.csv files")
+    for key in sorted(set(score_files) - set(decision_files)):
+        problems.append(f"{prefix}: missing file {decision_csv_name(*key)}")
+    for key in sorted(set(decision_files) - set(score_files)):
+        problems.append(f"{prefix}: missing file {score_csv_name(*key)}")
+    clips, content = _listed_clips(files, score_files, decision_files, prefix)
+    problems += content
+    if expected_files is not None:
+        problems += _test_set_problems(clips, expected_files, prefix)
+    return problems
+
+
+def _classify_files(label: str, files: Mapping[str, bytes], prefix: str):
+    """``(score CSVs, decision CSVs, problems)``: the CSVs by (machine, section), and every file
+    that is neither a result CSV, the meta file nor the report."""
     meta_name = f"{label}.meta.yaml"
-    score_files, decision_files = {}, {}
+    score_files, decision_files, problems = {}, {}, []
     for name in sorted(files):
         if match := SCORE_FILE.match(name):
             score_files[(match["machine"], match["section"])] = name
@@ -711,24 +729,25 @@ def _system_problems(
                 f"{prefix}/{name}: unexpected file (expected anomaly_score_<machine>_section_<XX>_test.csv, "
                 f"decision_result_<machine>_section_<XX>_test.csv and {meta_name})"
             )
+    return score_files, decision_files, problems
 
+
+def _meta_file_problems(label: str, files: Mapping[str, bytes], prefix: str) -> list[str]:
+    meta_name = f"{label}.meta.yaml"
     if meta_name not in files:
-        problems.append(f"{prefix}: missing file {meta_name}")
-    else:
-        try:
-            meta = yaml.safe_load(files[meta_name].decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            problems.append(f"{prefix}/{meta_name}: not valid YAML ({error})")
-        else:
-            problems += _meta_problems(meta, label, f"{prefix}/{meta_name}")
+        return [f"{prefix}: missing file {meta_name}"]
+    try:
+        meta = yaml.safe_load(files[meta_name].decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        return [f"{prefix}/{meta_name}: not valid YAML ({error})"]
+    return _meta_problems(meta, label, f"{prefix}/{meta_name}")
 
-    if not score_files and not decision_files:
-        problems.append(f"{prefix}: no anomaly_score_<machine>_section_<XX>_test.csv files")
-    for key in sorted(set(score_files) - set(decision_files)):
-        problems.append(f"{prefix}: missing file {decision_csv_name(*key)}")
-    for key in sorted(set(decision_files) - set(score_files)):
-        problems.append(f"{prefix}: missing file {score_csv_name(*key)}")
 
+def _listed_clips(files, score_files, decision_files, prefix: str):
+    """``({(machine, section): {"scores": names, "decisions": names}}, problems)``: each CSV parsed
+    and checked (two columns, no header, finite scores, 0/1 decisions, its own section's clips), and
+    the two CSVs of a section compared."""
+    problems = []
     clips: dict[tuple[str, str], dict[str, set[str]]] = {}
     for kind, found, value_kind in (
         ("scores", score_files, "score"),
@@ -750,7 +769,6 @@ def _system_problems(
             if foreign:
                 problems.append(f"{source}: {len(foreign)} file(s) of another section: {preview(foreign)}")
             clips.setdefault((machine, section), {})[kind] = names
-
     for (machine, section), both in sorted(clips.items()):
         if len(both) == 2 and both["scores"] != both["decisions"]:
             only_scores = preview(sorted(both["scores"] - both["decisions"])) or "none"
@@ -759,38 +777,40 @@ def _system_problems(
                 f"{prefix}: {score_csv_name(machine, section)} and {decision_csv_name(machine, section)} "
                 f"list different files; only in scores: {only_scores}; only in decisions: {only_decisions}"
             )
+    return clips, problems
 
-    if expected_files is not None:
-        machines = {machine for machine, _ in clips}
-        for machine in sorted(set(expected_files) - machines):
-            problems.append(
-                f"{prefix}: missing files for machine {machine} "
-                f"({score_csv_name(machine, '<XX>')} and {decision_csv_name(machine, '<XX>')})"
-            )
-        for machine in sorted(machines - set(expected_files)):
-            problems.append(
-                f"{prefix}: machine {machine} is not in the test set (expected {sorted(expected_files)})"
-            )
-        for (machine, section), both in sorted(clips.items()):
-            if machine not in expected_files:
-                continue
-            expected = set(expected_files[machine])
-            # Evaluation names carry their section: a section's CSV lists that section's clips.
-            wanted = {
-                n for n in expected if not n.startswith("section_") or n.startswith(f"section_{section}_")
-            }
-            for kind, names in both.items():
-                csv_name = (score_csv_name if kind == "scores" else decision_csv_name)(machine, section)
-                if wanted - names:
-                    problems.append(
-                        f"{prefix}/{csv_name}: {len(wanted - names)} test clip(s) of {machine} missing: "
-                        f"{preview(sorted(wanted - names))}"
-                    )
-                if names - expected:
-                    problems.append(
-                        f"{prefix}/{csv_name}: {len(names - expected)} file(s) not in the test set of "
-                        f"{machine}: {preview(sorted(names - expected))}"
-                    )
+
+def _test_set_problems(clips, expected_files: Mapping[str, list[str]], prefix: str) -> list[str]:
+    """Every machine of the test set present, no other, and exactly its test clips in each CSV."""
+    problems = []
+    machines = {machine for machine, _ in clips}
+    for machine in sorted(set(expected_files) - machines):
+        problems.append(
+            f"{prefix}: missing files for machine {machine} "
+            f"({score_csv_name(machine, '<XX>')} and {decision_csv_name(machine, '<XX>')})"
+        )
+    for machine in sorted(machines - set(expected_files)):
+        problems.append(
+            f"{prefix}: machine {machine} is not in the test set (expected {sorted(expected_files)})"
+        )
+    for (machine, section), both in sorted(clips.items()):
+        if machine not in expected_files:
+            continue
+        expected = set(expected_files[machine])
+        # Evaluation names carry their section: a section's CSV lists that section's clips.
+        wanted = {n for n in expected if not n.startswith("section_") or n.startswith(f"section_{section}_")}
+        for kind, names in both.items():
+            csv_name = (score_csv_name if kind == "scores" else decision_csv_name)(machine, section)
+            if wanted - names:
+                problems.append(
+                    f"{prefix}/{csv_name}: {len(wanted - names)} test clip(s) of {machine} missing: "
+                    f"{preview(sorted(wanted - names))}"
+                )
+            if names - expected:
+                problems.append(
+                    f"{prefix}/{csv_name}: {len(names - expected)} file(s) not in the test set of "
+                    f"{machine}: {preview(sorted(names - expected))}"
+                )
     return problems
 
 
@@ -865,8 +885,8 @@ def expected_test_files(raw_dir: str | os.PathLike) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kit.submission", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kit.submission") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("validate", help="check a submission folder, system folder or zip")
     check.add_argument("path", type=Path)

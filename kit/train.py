@@ -192,11 +192,6 @@ class TrainConfig:
         return out
 
 
-def stereo_index(index: pd.DataFrame) -> bool:
-    """Whether every clip of the index has a far channel (2026 stereo), or some are mono."""
-    return bool((index["channels"] >= 2).all())
-
-
 def resolve_config(
     training: dict,
     *,
@@ -240,8 +235,10 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        tokens, padding_mask = self.backbone(waves, lengths)
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, augment=None) -> torch.Tensor:
+        """``augment``: an optional ``(features, n_frames) -> features`` the backbone applies to its
+        front-end features in training mode (SpecAugment)."""
+        tokens, padding_mask = self.backbone(waves, lengths, augment=augment)
         return self.head(tokens, padding_mask)
 
 
@@ -325,20 +322,12 @@ class TrainItems(Dataset):
         return wave, valid, noise, noise_valid, int(self.labels[index])
 
 
-def _pad_waves(waves, min_length: int = 0) -> torch.Tensor:
-    """Stack 1-D waves into ``[B, T]``, zero-padded at the end to the longest (at least ``min_length``)."""
-    out = torch.zeros(len(waves), max([min_length] + [len(w) for w in waves]))
-    for row, wave in zip(out, waves):
-        row[: len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
-    return out
-
-
 def _collate(batch):
     waves, valid, noises, noise_valid, labels = zip(*batch)
     return (
-        _pad_waves(waves),
+        data.pad_waves(waves),
         torch.tensor(valid),
-        _pad_waves(noises, min_length=1),
+        data.pad_waves(noises, min_length=1),
         torch.tensor(noise_valid),
         torch.tensor(labels),
     )
@@ -395,14 +384,8 @@ def training_items(index: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
     rows = index[(index["split"] == "train") & index["dataset"].isin(cfg.train_datasets)]
     if rows.empty:
         raise ValueError(f"no training clips in datasets {cfg.train_datasets} of the index")
-    stereo_channels = [c for c in cfg.channels if data.needs_stereo(c)]
-    if stereo_channels and (rows["channels"] < 2).any():
-        mono = rows.loc[rows["channels"] < 2, "path"].iloc[0]
-        raise ValueError(
-            f"channel {stereo_channels[0]!r} needs the far microphone but {mono} is mono; "
-            "use channels=('near',) for mono data"
-        )
-    parts = [rows.assign(channel=c) for c in cfg.channels]
+    channels = data.usable_channels(cfg.channels, rows, mono_fallback=cfg.mono_fallback)
+    parts = [rows.assign(channel=c) for c in channels]  # channel-major: the sampler's item numbers
     return pd.concat(parts, ignore_index=True)
 
 
@@ -430,8 +413,8 @@ class ProxyTask(nn.Module):
         self.embedder = embedder
         self.loss = loss
 
-    def forward(self, waves, lengths, labels, perm=None, lam=1.0):
-        emb = self.embedder(waves, lengths)
+    def forward(self, waves, lengths, labels, perm=None, lam=1.0, augment=None):
+        emb = self.embedder(waves, lengths, augment=augment)
         loss = self.loss(emb, labels)
         if perm is not None and lam < 1.0:
             loss = lam * loss + (1 - lam) * self.loss(emb, labels[perm])
@@ -673,7 +656,7 @@ def _warn_if_collapsed(
         )
         for i in picks
     ]
-    waves = _pad_waves([wave for wave, _ in clips]).to(device)
+    waves = data.pad_waves([wave for wave, _ in clips]).to(device)
     valid = torch.tensor([n for _, n in clips], device=device)
     embedder.eval()
     figure = embed.collapse_figure(embedder(waves, valid).float().cpu().numpy())
@@ -780,15 +763,14 @@ def _train_step(
         perm, lam = None, 1.0
         if cfg.mixup_alpha > 0:
             waves, lengths, perm, lam = mixup(waves, lengths, cfg.mixup_alpha, gen)
-        embedder.backbone.feature_augment = (lambda f, n, g=gen: spec(f, n, g)) if spec else None
+        augment = (lambda f, n: spec(f, n, gen)) if spec else None
         sync = not place.distributed or micro == cfg.grad_accum - 1
         with model.no_sync() if not sync else contextlib.nullcontext():
             with prec.autocast():
-                loss_value, acc = model(waves, lengths, labels, perm, lam)
+                loss_value, acc = model(waves, lengths, labels, perm, lam, augment=augment)
             prec.scale(loss_value / cfg.grad_accum).backward()
         step_loss += float(loss_value.detach()) / cfg.grad_accum
         step_acc += float(acc) / cfg.grad_accum
-    embedder.backbone.feature_augment = None
     if place.distributed:
         stats = torch.tensor([step_loss, step_acc], device=device)
         dist.all_reduce(stats)
@@ -895,9 +877,9 @@ def load_embedder(model_dir: str | os.PathLike) -> Embedder:
     return embedder.eval()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m kit.train") -> None:
     parser = argparse.ArgumentParser(
-        description="Fine-tune a backbone (runs under torchrun for several GPUs)."
+        prog=prog, description="Fine-tune a backbone (runs under torchrun for several GPUs)."
     )
     parser.add_argument("config", help="YAML file of TrainConfig fields")
     parser.add_argument("--index", required=True, help="index.csv written by kit.data.save_index")

@@ -1,4 +1,4 @@
-"""Smoke tests of kit.bench at tiny sizes: the measurements run and the tables print. Speed itself is
+"""Smoke tests of kit.tools.bench at tiny sizes: the measurements run and the tables print. Speed itself is
 never asserted (it is what the benchmark commands are for)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from kit import bench, data
+from kit import cli, data, denoise
+from kit.tools import bench
 
 
 def test_measure_speed_and_extraction_unit_size():
@@ -82,3 +83,14 @@ def test_commands_are_registered():
     assert parser.parse_args(["loader"]).workers == [0, 2]
     with pytest.raises(SystemExit):
         parser.parse_args(["train"])  # the lead adds it
+
+
+def test_scoring_and_denoise_benchmarks_print_their_tables(capsys):
+    assert cli.main(["bench-scoring", "--machines", "1", "--dims", "8", "--fusion-branches", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "clips scored" in out and "mahalanobis" in out and "total:" in out
+    assert cli.main(["bench-denoise", "--batch", "1", "--seconds", "0.5", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ms/clip" in out and all(f" {method} " in out for method in denoise.CANCELLERS)
+    assert cli.main(["bench-scoring", "--machines", "x"]) == 2  # argparse names the program
+    assert "usage: dcase-kit bench-scoring" in capsys.readouterr().err

@@ -234,11 +234,11 @@ def test_partial_lora_and_checkpointing_hooks():
 def test_spec_augment_hook_runs_in_training_mode_only():
     model = _unit()
     calls = []
-    model.feature_augment = lambda feats, n: calls.append(feats.shape) or torch.zeros_like(feats)
+    augment = lambda feats, n: calls.append(feats.shape) or torch.zeros_like(feats)
     waves, lengths = _random_batch([4000, 3000])
-    model.eval()(waves, lengths)
+    model.eval()(waves, lengths, augment=augment)
     assert calls == []
-    model.train()(waves, lengths)
+    model.train()(waves, lengths, augment=augment)
     assert calls and calls[0][-1] == model.config.n_mels
 
 

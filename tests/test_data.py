@@ -1,4 +1,4 @@
-"""Tests for kit.data: index, attributes, audio loading, length policies, ClipDataset, labels.
+"""Tests for kit.data: index, attributes, audio loading, length policies, channels, padding, labels.
 
 Tiny datasets are written to tmp folders: a 2026-style stereo layout (with attributes_00.csv and
 hidden evaluation test names) and a 2023-style mono layout (earlier-year CSV, one 44.1 kHz clip).
@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader
 
 from kit import data
 from kit.data import DatasetError
@@ -584,20 +583,6 @@ def test_read_clip_decodes_only_the_window(lean_clips, monkeypatch):
     assert reads == [(0, -1)]
 
 
-def test_clip_dataset_reads_the_same_crops(lean_clips):
-    index = pd.DataFrame({"path": [str(lean_clips["pcm16"]), str(lean_clips["short"])], "channels": [2, 2]})
-    policy = data.LengthPolicy("random_crop", seconds=0.25)
-    dataset = data.ClipDataset(index, channels=("near", "far"), length=policy, seed=3)
-    dataset.set_epoch(2)
-    for item in range(len(dataset)):
-        got = dataset[item]
-        expected, valid = whole_file_crop(
-            dataset._paths[item], got["channel"], policy, np.random.default_rng([3, 2, item])
-        )
-        np.testing.assert_array_equal(got["wave"].numpy(), expected)
-        assert got["length"] == valid
-
-
 def test_read_clip_bad_inputs(tmp_path, lean_clips):
     policy = data.LengthPolicy("random_crop", seconds=0.25)
     rng = np.random.default_rng(0)
@@ -676,85 +661,15 @@ def test_length_policy_window():
 
 
 # ----------------------------------------------------------------------------------------------
-# ClipDataset and collate
+# Padding a batch
 
 
-def test_clip_dataset_doubles_items_per_channel(stereo_index):
-    train = stereo_index[stereo_index["split"] == "train"]
-    policy = data.LengthPolicy("pad_or_cut", seconds=0.5)
-    dataset = data.ClipDataset(train, channels=("near", "far"), length=policy, labels="composite")
-    assert len(dataset) == 2 * len(train)
-    near, far = dataset[0], dataset[1]
-    assert (near["channel"], far["channel"]) == ("near", "far")
-    assert near["row"] == far["row"] == 0
-    assert near["wave"].dtype == torch.float32 and near["wave"].shape == (8000,)
-    path = train["path"].iloc[0]
-    np.testing.assert_array_equal(near["wave"].numpy(), data.fit_length(data.load_audio(path, "near"), 8000))
-    np.testing.assert_array_equal(far["wave"].numpy(), data.fit_length(data.load_audio(path, "far"), 8000))
-    assert near["length"] == round(train["duration"].iloc[0] * SR)
-    assert near["label"] != far["label"] and near["label"] >= 0
-    assert dataset.classes[near["label"]].endswith("|near")
-
-    batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=data.collate_clips)))
-    assert batch["waves"].shape == (4, 8000)
-    assert batch["rows"].tolist() == [0, 0, 1, 1]
-    assert batch["channels"] == ["near", "far", "near", "far"]
-    assert batch["labels"].dtype == torch.int64 and batch["lengths"].dtype == torch.int64
-
-
-def test_collate_pads_to_longest(stereo_index):
-    dataset = data.ClipDataset(stereo_index, labels=None)
-    assert len(dataset) == len(stereo_index)
-    items = [dataset[i] for i in range(len(dataset))]
-    batch = data.collate_clips(items)
-    lengths = [round(d * SR) for d in stereo_index["duration"]]
-    assert batch["lengths"].tolist() == lengths
-    assert batch["waves"].shape == (len(items), max(lengths))
-    assert batch["labels"].tolist() == [-1] * len(items)
-    for wave, item in zip(batch["waves"], items):
-        n = item["wave"].shape[-1]
-        assert torch.equal(wave[:n], item["wave"])
-        assert wave[n:].abs().sum() == 0
-    with pytest.raises(ValueError, match="empty batch"):
-        data.collate_clips([])
-
-
-def test_clip_dataset_pair_channels(stereo_index):
-    dataset = data.ClipDataset(stereo_index, channels=("near", "far"), pair_channels=True, labels="section")
-    assert len(dataset) == len(stereo_index)
-    item = dataset[0]
-    assert item["channel"] == "both" and item["wave"].shape[0] == 2
-    np.testing.assert_array_equal(item["wave"].numpy(), data.load_audio(stereo_index["path"].iloc[0], "both"))
-    batch = data.collate_clips([dataset[0], dataset[1]])
-    assert batch["waves"].shape[:2] == (2, 2)
-    with pytest.raises(ValueError, match="pass channels=\\('near', 'far'\\)"):
-        data.ClipDataset(stereo_index, pair_channels=True)
-
-
-def test_clip_dataset_random_crops_are_reproducible(stereo_index):
-    policy = data.LengthPolicy("random_crop", seconds=0.05)
-    first = data.ClipDataset(stereo_index, length=policy, seed=7)
-    second = data.ClipDataset(stereo_index, length=policy, seed=7)
-    assert torch.equal(first[0]["wave"], second[0]["wave"])
-    assert first[0]["length"] == 800
-    second.set_epoch(1)
-    assert not torch.equal(first[0]["wave"], second[0]["wave"])
-
-
-def test_clip_dataset_bad_inputs(stereo_index, mono_index):
-    with pytest.raises(DatasetError, match=r"mono clip .*\.wav has no far channel"):
-        data.ClipDataset(mono_index, channels=("near", "far"))
-    with pytest.raises(ValueError, match="channels must be distinct"):
-        data.ClipDataset(stereo_index, channels=("near", "left"))
-    with pytest.raises(ValueError, match="labels has 3 entries"):
-        data.ClipDataset(stereo_index, labels=np.arange(3))
-    with pytest.raises(ValueError, match="16000 Hz"):
-        data.ClipDataset(
-            stereo_index, length=data.LengthPolicy("pad_or_cut", 1, sample_rate=16000), sample_rate=8000
-        )
-    per_clip = np.arange(len(stereo_index))
-    dataset = data.ClipDataset(stereo_index, channels=("near", "far"), labels=per_clip)
-    assert dataset.labels.tolist() == np.repeat(per_clip, 2).tolist()
+def test_pad_waves_stacks_and_zero_pads_to_the_longest():
+    waves = [np.ones(3, dtype=np.float32), np.full(5, 2.0, dtype=np.float64)]
+    batch = data.pad_waves(waves)
+    assert batch.shape == (2, 5) and batch.dtype == torch.float32
+    assert batch[0].tolist() == [1, 1, 1, 0, 0] and batch[1].tolist() == [2] * 5
+    assert data.pad_waves([np.zeros(0)], min_length=1).shape == (1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

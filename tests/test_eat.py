@@ -242,7 +242,7 @@ def test_key_and_shape_mismatches_are_named(tmp_path, fairseq_checkpoint):
         load("eat", path)
     path = _save_modified(tmp_path, fairseq_checkpoint, lambda w: w.update({qkv: torch.zeros(144, 40)}))
     with pytest.raises(
-        CheckpointError, match=r"'blocks.1.attn.qkv.weight' has shape \(144, 40\), expected \(144, 48\)"
+        CheckpointError, match=r"blocks.1.attn.qkv.weight has shape \(144, 40\).*expects \(144, 48\)"
     ):
         load("eat", path)
 

@@ -8,7 +8,8 @@ import pytest
 import soundfile as sf
 from conftest import _shared_subdir
 
-from kit import mix, synth_check
+from kit import mix
+from kit.tools import synth_check
 
 RATE = 16_000
 CELLS = [(d, label) for d in ("source", "target") for label in ("normal", "anomaly")]

@@ -3,6 +3,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,9 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from kit import denoise, synth, synth_check
+from kit import denoise, synth
+from kit.synth import signals
+from kit.tools import synth_check
 
 DEV_NAME = re.compile(
     r"^section_00_(source|target)_(train|test)_(normal|anomaly)_(\d{4})_(noAttribute|[A-Za-z]+_[^_]+(_[A-Za-z]+_[^_]+)*)\.wav$"
@@ -154,6 +158,15 @@ def test_generation_is_deterministic_whatever_the_workers(dataset, tmp_path):
     assert a.read_bytes() != (other_seed / a.relative_to(dataset)).read_bytes()
 
 
+def test_command_line_writes_the_same_dataset(dataset, tmp_path):
+    root = tmp_path / "cli"
+    command = [sys.executable, "-m", "kit.synth", str(root), "--scale", "0.1", "--workers", "2", "--quiet"]
+    done = subprocess.run([*command, "--machines", *SMALL["machines"]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("36 clips, 4 min of audio")  # 2 machines x (4 + 10 + 4) clips of 6 s
+    assert _wav_files(root) == _wav_files(dataset)
+
+
 def _db(signal: np.ndarray, reference: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(np.square(signal, dtype=np.float64)) / np.sum(np.square(reference))))
 
@@ -246,7 +259,7 @@ def test_attributes_and_anomalies_change_the_sound():
 
 def test_wavetable_reads_phases_just_below_a_whole_cycle():
     phases = np.array([0.0, 0.25, 1.0 - 1e-12, 2.0 - 1e-9, 1e6 - 1e-7])
-    wave = synth._wavetable(phases, np.array([1.0]), np.random.default_rng(0))
+    wave = signals.wavetable(phases, np.array([1.0]), np.random.default_rng(0))
     assert wave.shape == (5,) and np.all(np.isfinite(wave)) and abs(wave[2] - wave[0]) < 1e-3
 
 

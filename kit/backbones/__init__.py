@@ -1,17 +1,24 @@
 """One door to every pretrained audio backbone: ``kit.backbones.load(name, checkpoint, **options)``.
 
 Each backbone lives in its own file (``beats.py``, ``eat.py``, ``fisher.py``; ``cnn.py``, a compact
-network trained from scratch; ``logmel.py``, the training-free log-mel frames) holding its config,
-layers, front-end and checkpoint loader, and answers the same small interface (:class:`Backbone`):
+network trained from scratch; ``logmel.py``, the training-free log-mel frames) holding its
+architecture, its named configurations (frozen dataclasses in ``CONFIGS``) and a pure
+``filter_state(raw) -> (config, state)`` that turns a read checkpoint into its own names. Beside
+them, ``layers.py`` holds the layers EAT and FISHER share (attention, MLP, transformer block, 2-D
+sin-cos positions) and ``loading.py`` the one checkpoint loader (read the file, filter it, load it
+strictly naming missing/unexpected keys and wrong shapes). Every backbone answers the same small
+interface (:class:`Backbone`):
 
-- ``model(waves [B, T] float at 16 kHz, lengths [B] samples) -> (tokens [B, N, D], padding_mask [B, N])``
-  where ``padding_mask`` is True on tokens that come only from padding;
+- ``model(waves [B, T] float at 16 kHz, lengths [B] samples, augment=None) -> (tokens [B, N, D],
+  padding_mask [B, N])`` where ``padding_mask`` is True on tokens that come only from padding, and
+  ``augment`` an optional callable ``(features, n_frames) -> features`` (SpecAugment) applied between
+  the front-end and the encoder, in training mode only;
 - ``model.frontend(waves, lengths) -> (features, feature_lengths)``: the backbone's own input features;
 - ``model.embed_dim``: D; ``model.blocks``: the transformer blocks (``nn.ModuleList``), for partial
   fine-tuning; ``model.lora_target_modules``: a regular expression for peft that matches the
-  attention projections of the blocks only; ``model.pretrained``: whether released weights are in use;
-- ``model.set_gradient_checkpointing(flag)``; ``model.feature_augment``: an optional callable applied
-  to the front-end features in training mode (SpecAugment).
+  attention projections of the blocks only; ``model.pretrained``: whether loaded weights are in use
+  (set by the loader);
+- ``model.set_gradient_checkpointing(flag)``.
 
 Training and scoring code use only this interface and never branch on a backbone's name.
 
@@ -64,19 +71,16 @@ class Backbone(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = bool(enabled)
 
-    # Training code sets this to a callable ``(features, n_frames) -> features`` (SpecAugment); the
-    # backbone applies it between its front-end and its encoder, in training mode only.
-    feature_augment = None
-
-    def augment_features(self, features: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
-        if self.training and self.feature_augment is not None:
-            return self.feature_augment(features, n_frames)
+    def _augmented(self, features: torch.Tensor, n_frames: torch.Tensor, augment) -> torch.Tensor:
+        """``augment(features, n_frames)`` in training mode; the features unchanged otherwise."""
+        if augment is not None and self.training:
+            return augment(features, n_frames)
         return features
 
     def frontend(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None, augment=None):
         raise NotImplementedError
 
 
@@ -150,7 +154,8 @@ def load(
 ) -> Backbone:
     """Build backbone ``name`` (``beats``, ``eat``, ``fisher``, ``cnn`` or ``logmel``).
 
-    With a ``checkpoint`` the released weights are loaded exactly (strict key check); without one,
+    With a ``checkpoint`` the released weights are loaded exactly (strict key and shape check, through
+    the module's ``from_checkpoint`` and :mod:`kit.backbones.loading`); without one,
     the named random-initialisation ``config`` (default: the module's small CPU configuration) is
     built and a warning says that no pretrained weights are in use (not for the backbones whose
     ``trains_from_scratch`` is True: ``cnn``, made to train from scratch, and the weightless ``logmel``). ``options`` are backbone
@@ -170,12 +175,8 @@ def load(
                 "initialisation - NO PRETRAINED WEIGHTS ARE IN USE",
                 stacklevel=2,
             )
-        model.pretrained = False
         return model
-    path = resolve_checkpoint(checkpoint, cache_dir)
-    model = module.from_checkpoint(path, **options)
-    model.pretrained = True
-    return model
+    return module.from_checkpoint(resolve_checkpoint(checkpoint, cache_dir), **options)
 
 
 def lora_targets(model: Backbone) -> list[str]:

@@ -1,4 +1,4 @@
-"""BEATs (Chen et al., 2023): config, layers, front-end and loader of the released checkpoints.
+"""BEATs (Chen et al., 2023): configs, layers, front-end and the filter of the released checkpoints.
 
 Layout of the official model, with the checkpoint's parameter names:
 
@@ -25,11 +25,9 @@ code padding leaks into them through that convolution).
 from __future__ import annotations
 
 import math
-import pickle
+import os
 import re
-import zipfile
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kit import frontends
-from kit.backbones import Backbone, CheckpointError
+from kit.backbones import Backbone, CheckpointError, loading
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
@@ -45,7 +43,17 @@ NUM_MEL_BINS = 128
 SAMPLE_RATE = 16000
 
 
-@dataclass
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+}
+
+
+@dataclass(frozen=True)
 class BEATsConfig:
     """The fields of the official ``BEATsConfig`` (defaults as there; checkpoints carry their own)."""
 
@@ -75,6 +83,22 @@ class BEATsConfig:
     predictor_dropout: float = 0.1
     predictor_class: int = 527
 
+    def __post_init__(self) -> None:
+        if self.input_patch_size <= 0 or NUM_MEL_BINS % self.input_patch_size:
+            raise ValueError(f"input_patch_size {self.input_patch_size} must divide {NUM_MEL_BINS}")
+        if self.encoder_embed_dim % self.encoder_attention_heads:
+            raise ValueError(
+                f"encoder_embed_dim {self.encoder_embed_dim} is not a multiple of "
+                f"encoder_attention_heads {self.encoder_attention_heads}"
+            )
+        if self.activation_fn not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_fn {self.activation_fn!r} is not supported "
+                f"(expected one of {', '.join(_ACTIVATIONS)})"
+            )
+        if self.deep_norm and self.layer_norm_first:
+            raise ValueError("deep_norm and layer_norm_first cannot both be set")
+
 
 # Training-time fields that may be changed on a loaded checkpoint (the rest fix the weights' shapes).
 REGULARISATION_FIELDS = (
@@ -87,7 +111,8 @@ REGULARISATION_FIELDS = (
     "layer_wise_gradient_decay_ratio",
 )
 
-_RELEASE_FLAGS = dict(
+# The flags of the released BEATs_iter3 models; the named configurations differ only in size.
+_RELEASE_FLAGS = BEATsConfig(
     input_patch_size=16,
     conv_bias=False,
     activation_fn="gelu",
@@ -108,9 +133,9 @@ _RELEASE_FLAGS = dict(
     finetuned_model=False,
 )
 
-CONFIGS: dict[str, dict] = {
+CONFIGS: dict[str, BEATsConfig] = {
     # BEATs_iter3 (about 90 M parameters)
-    "release": dict(
+    "release": replace(
         _RELEASE_FLAGS,
         embed_dim=512,
         encoder_layers=12,
@@ -119,7 +144,7 @@ CONFIGS: dict[str, dict] = {
         encoder_attention_heads=12,
     ),
     # the same architecture and flags, small enough for CPU runs and tests
-    "cpu": dict(
+    "cpu": replace(
         _RELEASE_FLAGS,
         embed_dim=128,
         encoder_layers=4,
@@ -128,7 +153,7 @@ CONFIGS: dict[str, dict] = {
         encoder_attention_heads=4,
     ),
     # unit tests
-    "unit": dict(
+    "unit": replace(
         _RELEASE_FLAGS,
         embed_dim=32,
         encoder_layers=2,
@@ -138,38 +163,6 @@ CONFIGS: dict[str, dict] = {
     ),
 }
 DEFAULT_CONFIG = "cpu"
-
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "tanh": torch.tanh,
-    "linear": lambda x: x,
-}
-
-_LAYER_COPY_OF_BIAS = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.weight")
-_OTHER_BACKBONE_PREFIXES = ("modality_encoders.", "blocks.", "model.blocks.", "model.local_encoder.")
-
-
-def _make_config(values: dict, source: str) -> BEATsConfig:
-    known = {f.name for f in fields(BEATsConfig)}
-    config = BEATsConfig(**{k: v for k, v in values.items() if k in known})
-    if config.input_patch_size <= 0 or NUM_MEL_BINS % config.input_patch_size:
-        raise ValueError(f"{source}: input_patch_size {config.input_patch_size} must divide {NUM_MEL_BINS}")
-    if config.encoder_embed_dim % config.encoder_attention_heads:
-        raise ValueError(
-            f"{source}: encoder_embed_dim {config.encoder_embed_dim} is not a multiple of "
-            f"encoder_attention_heads {config.encoder_attention_heads}"
-        )
-    if config.activation_fn not in _ACTIVATIONS:
-        raise ValueError(
-            f"{source}: activation_fn {config.activation_fn!r} is not supported "
-            f"(expected one of {', '.join(_ACTIVATIONS)})"
-        )
-    if config.deep_norm and config.layer_norm_first:
-        raise ValueError(f"{source}: deep_norm and layer_norm_first cannot both be set")
-    return config
 
 
 class _GradMultiply(torch.autograd.Function):
@@ -463,11 +456,11 @@ class BEATs(Backbone):
         x = self.encoder(self.dropout_input(x), padding_mask, self.gradient_checkpointing)
         return x.masked_fill(padding_mask[..., None], 0.0), padding_mask
 
-    def forward(self, waves: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, waves: Tensor, lengths: Tensor | None = None, augment=None) -> tuple[Tensor, Tensor]:
         """``waves`` [B, T] at 16 kHz, ``lengths`` [B] samples -> ``(tokens [B, N, D], padding_mask [B, N])``
-        (True = padding)."""
+        (True = padding); ``augment(fbank, n_frames)`` is applied to the fbank in training mode."""
         fbank, n_frames = self.frontend(waves, lengths)
-        return self.forward_features(self.augment_features(fbank, n_frames), n_frames)
+        return self.forward_features(self._augmented(fbank, n_frames, augment), n_frames)
 
     def predict(self, waves: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Class probabilities [B, predictor_class] of a fine-tuned checkpoint: the predictor on every
@@ -492,56 +485,21 @@ def build(config_name: str = DEFAULT_CONFIG, **options) -> BEATs:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown BEATs option(s) {unknown}: expected fields of BEATsConfig")
-    return BEATs(_make_config({**CONFIGS[config_name], **options}, f"config {config_name!r}"))
+    return BEATs(replace(CONFIGS[config_name], **options))
 
 
-def from_checkpoint(path: str | Path, **options) -> BEATs:
-    """Load an official-format BEATs checkpoint (``{"cfg": dict, "model": state_dict}``, any size) with a
-    strict key and shape check. ``options`` may change the training-time fields
-    (``REGULARISATION_FIELDS``, e.g. ``encoder_layerdrop=0.0``); everything else comes from ``cfg``."""
-    path = _checkpoint_file(Path(path))
-    unknown = sorted(set(options) - set(REGULARISATION_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for a BEATs checkpoint: "
-            f"expected some of {', '.join(REGULARISATION_FIELDS)}"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})"
-        ) from err
-    cfg, state = _split_payload(payload, path)
-    try:
-        config = _make_config({**cfg, **options}, str(path))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: unusable BEATs cfg: {err}") from err
-    model = BEATs(config)
-    model.load_state_dict(_checked_state(state, model, path))
-    model.pretrained = True
-    return model
+# ----------------------------------------------------------------------------- checkpoint filter
+
+_LAYER_COPY_OF_BIAS = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.weight")
+_FIRST_BIAS_TABLE = "encoder.layers.0.self_attn.relative_attention_bias.weight"
+_OTHER_BACKBONE_PREFIXES = ("modality_encoders.", "blocks.", "model.blocks.", "model.local_encoder.")
 
 
-def _checkpoint_file(path: Path) -> Path:
-    if path.is_dir():
-        candidates = sorted(path.glob("*.pt"))
-        if len(candidates) != 1:
-            raise CheckpointError(
-                f"{path}: expected exactly one BEATs .pt file in this folder, "
-                f"found {[c.name for c in candidates]}"
-            )
-        return candidates[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"BEATs checkpoint {path} does not exist")
-    return path
-
-
-def _split_payload(payload, path: Path) -> tuple[dict, dict]:
+def _split_payload(payload: object) -> tuple[dict, dict]:
     if not isinstance(payload, dict) or "model" not in payload or "cfg" not in payload:
         found = list(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
-            f"{path}: not a BEATs checkpoint: expected a dict with 'cfg' and 'model' "
+            "not a BEATs checkpoint: expected a dict with 'cfg' and 'model' "
             f"(as the official BEATs_iter3*.pt files), found {found}"
         )
     cfg, state = payload["cfg"], payload["model"]
@@ -550,49 +508,47 @@ def _split_payload(payload, path: Path) -> tuple[dict, dict]:
         other = other or any(str(k).startswith(_OTHER_BACKBONE_PREFIXES) for k in state)
     if other:
         raise CheckpointError(
-            f"{path}: this is a fairseq-style EAT or FISHER checkpoint (cfg['model'] sub-dict or "
+            "this is a fairseq-style EAT or FISHER checkpoint (cfg['model'] sub-dict or "
             "'modality_encoders.' / 'blocks.' keys), not BEATs: load it with kit.backbones.load('eat' or "
             "'fisher', ...)"
         )
     if not isinstance(cfg, dict) or not isinstance(state, dict):
-        raise CheckpointError(f"{path}: 'cfg' and 'model' must both be dicts")
+        raise CheckpointError("'cfg' and 'model' must both be dicts")
     return cfg, state
 
 
-def _checked_state(state: dict, model: BEATs, path: Path) -> dict:
-    """The checkpoint's state dict in the model's names, after the key and shape checks."""
+def filter_state(raw: object) -> tuple[BEATsConfig, dict]:
+    """A read official-format file (``{"cfg": dict, "model": state_dict}``) -> (config, state dict).
+
+    The official model shares one relative-position table between its layers, so its state dict may
+    hold a copy under every layer; they must be equal, and only layer 0's is kept (as this model)."""
+    cfg, state = _split_payload(raw)
+    known = {f.name for f in fields(BEATsConfig)}
+    try:
+        config = BEATsConfig(**{k: v for k, v in cfg.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"unusable BEATs cfg: {err}") from err
     state = dict(state)
-    # The official model shares one relative-position table between its layers, so its state dict may
-    # hold a copy under every layer; this model keeps only layer 0's.
-    first_key = "encoder.layers.0.self_attn.relative_attention_bias.weight"
-    for key in [k for k in state if (m := _LAYER_COPY_OF_BIAS.fullmatch(k)) and m.group(1) != "0"]:
+    for key in [k for k in state if (m := _LAYER_COPY_OF_BIAS.fullmatch(str(k))) and m.group(1) != "0"]:
         copy = state.pop(key)
-        if first_key in state and not torch.equal(copy, state[first_key]):
+        first = state.get(_FIRST_BIAS_TABLE)
+        if isinstance(first, Tensor) and isinstance(copy, Tensor) and not torch.equal(copy, first):
             raise CheckpointError(
-                f"{path}: {key} differs from {first_key}; "
-                "BEATs shares one relative position table across layers"
+                f"{key} differs from {_FIRST_BIAS_TABLE}; BEATs shares one relative position table across layers"
             )
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: the state dict does not match the BEATs model built from its cfg: "
-            f"missing keys {_short_list(missing)}, unexpected keys {_short_list(unexpected)}"
+    return config, state
+
+
+def from_checkpoint(path: str | os.PathLike, **options) -> BEATs:
+    """Load an official-format BEATs checkpoint (``{"cfg": dict, "model": state_dict}``, any size) with a
+    strict key and shape check. ``options`` may change the training-time fields
+    (``REGULARISATION_FIELDS``, e.g. ``encoder_layerdrop=0.0``); everything else comes from ``cfg``."""
+    unknown = sorted(set(options) - set(REGULARISATION_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for a BEATs checkpoint: "
+            f"expected some of {', '.join(REGULARISATION_FIELDS)}"
         )
-    for key, tensor in state.items():
-        if not isinstance(tensor, Tensor):
-            raise CheckpointError(f"{path}: {key} is a {type(tensor).__name__}, expected a tensor")
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)} in the checkpoint but the model built from "
-                f"its cfg expects {tuple(expected[key].shape)}"
-            )
-    return state
-
-
-def _short_list(keys: list[str], limit: int = 10) -> str:
-    if not keys:
-        return "none"
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+    return loading.load_checkpoint(
+        path, "BEATs", filter_state, lambda config: BEATs(replace(config, **options))
+    )

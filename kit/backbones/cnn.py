@@ -11,7 +11,7 @@ backbone interface, so ``kit.train`` trains it with any head, loss and label sch
 Two branches, both from the same waves:
 
 - **spectrogram branch**: log-mel (``n_mels`` bands, power STFT with ``center=False``, dB), a
-  per-band BatchNorm (a fixed affine map at inference), SpecAugment (``augment_features``, training
+  per-band BatchNorm (a fixed affine map at inference), SpecAugment (``forward``'s ``augment``, training
   only), then ``len(channels)`` residual stages (two 3x3 convs with BatchNorm and ReLU, a 1x1
   shortcut where the width changes, 2x2 max-pooling), each halving time and frequency; each
   remaining time step's ``channels[-1] x frequency`` map is projected to ``token_dim``: one token
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from kit.backbones import Backbone, CheckpointError
+from kit.backbones import Backbone, CheckpointError, loading
 from kit.backbones.logmel import POWER_FLOOR, SAMPLE_RATE, check_waves, frame_counts, power_frames
 
 
@@ -255,12 +255,13 @@ class Cnn(Backbone):
         past_end = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
         return logmel.masked_fill(past_end[:, :, None], 0.0), frames
 
-    def forward(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``augment(features, frames)`` is applied to the normalised log-mel in training mode."""
         waves, lengths = check_waves(waves, lengths, self.min_samples, "cnn")
         logmel, frames = self.frontend(waves, lengths)
         valid = torch.arange(logmel.shape[1], device=logmel.device) < frames[:, None]
         x = self.input_norm(logmel.to(self.input_norm.weight.dtype), valid)
-        x = self.augment_features(x * valid[:, :, None].to(x.dtype), frames)  # zeros = the band means
+        x = self._augmented(x * valid[:, :, None].to(x.dtype), frames, augment)  # zeros = the band means
         x = x[:, None]  # [B, 1, T, F]
         for stage in self.blocks:
             x, valid = stage(x, valid)
@@ -272,18 +273,24 @@ class Cnn(Backbone):
         return tokens.masked_fill(padding[:, :, None], 0.0), padding
 
 
-def build(config_name: str = DEFAULT_CONFIG, **options) -> Cnn:
-    """Random-initialised CNN of a named configuration; ``options`` override :class:`CnnConfig` fields."""
+def _config(config_name: str, options: dict) -> CnnConfig:
+    """The named configuration with ``options`` overriding its fields."""
     if config_name not in CONFIGS:
         raise ValueError(f"unknown cnn config {config_name!r}: expected one of {', '.join(sorted(CONFIGS))}")
     fields = {f.name for f in dataclasses.fields(CnnConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ValueError(f"unknown cnn option(s) {unknown}: expected some of {sorted(fields)}")
+    options = dict(options)
     for key in ("channels", "spectrum_channels"):
         if key in options:
             options[key] = tuple(options[key])  # YAML and JSON give lists
-    return Cnn(dataclasses.replace(CONFIGS[config_name], **options))
+    return dataclasses.replace(CONFIGS[config_name], **options)
+
+
+def build(config_name: str = DEFAULT_CONFIG, **options) -> Cnn:
+    """Random-initialised CNN of a named configuration; ``options`` override :class:`CnnConfig` fields."""
+    return Cnn(_config(config_name, options))
 
 
 def save(model: Cnn, path: str | os.PathLike) -> Path:
@@ -296,57 +303,42 @@ def save(model: Cnn, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _config_and_state(saved, file: Path) -> tuple[CnnConfig, dict]:
-    """Read a :func:`save` file or a ``kit.train`` ``model.pt`` of a cnn run."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
-        raise CheckpointError(f"{file}: not a cnn checkpoint (expected a dict with 'config' and 'state')")
-    config = saved.get("config")
-    if saved.get("backbone") == "cnn" and isinstance(config, dict):  # written by save()
-        fields = dict(
-            config, channels=tuple(config["channels"]), spectrum_channels=tuple(config["spectrum_channels"])
-        )
-        return CnnConfig(**fields), saved["state"]
+def filter_state(raw: object) -> tuple[CnnConfig, dict]:
+    """A read :func:`save` file or ``kit.train`` ``model.pt`` of a cnn run -> (config, state dict)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("state"), dict):
+        raise CheckpointError("not a cnn checkpoint (expected a dict with 'config' and 'state')")
+    config = raw.get("config")
+    if raw.get("backbone") == "cnn" and isinstance(config, dict):  # written by save()
+        try:
+            fields = dict(
+                config,
+                channels=tuple(config["channels"]),
+                spectrum_channels=tuple(config["spectrum_channels"]),
+            )
+            return CnnConfig(**fields), raw["state"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"unusable cnn config: {err}") from err
     if isinstance(config, dict) and "backbone" in config:  # kit.train's model.pt
         if config["backbone"] != "cnn":
             raise CheckpointError(
-                f"{file}: a kit.train model of backbone {config['backbone']!r}, not cnn "
+                f"a kit.train model of backbone {config['backbone']!r}, not cnn "
                 f"(load it with kit.train.load_embedder)"
             )
-        model = build(
-            config.get("backbone_config") or DEFAULT_CONFIG, **(config.get("backbone_options") or {})
-        )
+        try:
+            cnn_config = _config(
+                config.get("backbone_config") or DEFAULT_CONFIG, config.get("backbone_options") or {}
+            )
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"unusable cnn settings in the kit.train config: {err}") from err
         prefix = "backbone."
-        state = {k[len(prefix) :]: v for k, v in saved["state"].items() if k.startswith(prefix)}
-        return model.config, state
-    raise CheckpointError(f"{file}: neither a cnn.save() file nor a kit.train model.pt")
+        state = {k[len(prefix) :]: v for k, v in raw["state"].items() if k.startswith(prefix)}
+        return cnn_config, state
+    raise CheckpointError("neither a cnn.save() file nor a kit.train model.pt")
 
 
 def from_checkpoint(path: str | os.PathLike) -> Cnn:
     """Load a CNN written by :func:`save`, or the backbone of a ``kit.train`` ``model.pt`` (file or its
     run folder), with a strict key and shape check."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / "model.pt"
-    if not file.is_file():
-        raise FileNotFoundError(f"cnn checkpoint not found: {file}")
-    try:
-        saved = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises several kinds on a corrupt or foreign file
-        raise CheckpointError(f"cannot read cnn checkpoint {file}: {err}") from err
-    config, state = _config_and_state(saved, file)
-    model = Cnn(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{file}: cnn weights do not match the configuration: missing {missing[:5]}, unexpected {unexpected[:5]} "
-            "(a frozen or partial kit.train run saves only what it trained)"
-        )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{file}: {name} has shape {tuple(tensor.shape)}, the configuration expects {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(state)
-    return model
+    return loading.load_checkpoint(
+        path, "cnn", filter_state, Cnn, hint=" (a frozen or partial kit.train run saves only what it trained)"
+    )

@@ -8,7 +8,8 @@ the normalised value of 0, exactly as in the official code).
 Encoder: a 16x16 Conv2d patch embedding (``local_encoder.proj``) over the ``[T, 128]`` image, flattened
 time-major (token ``t * 8 + f``), fixed 2-D sin-cos ``positions`` added, a CLS token
 (``extra_tokens``) prepended, a LayerNorm (``pre_norm``, fairseq's ``context_encoder.norm``), then
-post-LN blocks ``r = norm1(x + attn(x)); x = norm2(r + mlp(r))`` with a fused ``attn.qkv``.
+post-LN blocks ``r = norm1(x + attn(x)); x = norm2(r + mlp(r))`` with a fused ``attn.qkv`` (the
+shared :mod:`kit.backbones.layers`; the positions are computed in float64 as in the official code).
 
 Padded frames are attended exactly as in the official code (a batch of clips therefore gives each
 clip the result of running it alone); the returned padding mask only marks the patch tokens that
@@ -16,25 +17,25 @@ come from padding alone, so pooling can ignore them.
 
 Checkpoints: the official fairseq ``.pt`` files (pre-trained ``data2vec_multi`` and fine-tuned
 ``mae_image_classification``) and the Hugging Face folders (``config.json`` + ``model.safetensors``).
-Pre-training-only parts (the decoder, the EMA teacher) and a fine-tuned classification head are
-dropped; every other key must be present with its exact shape.
+:func:`filter_state` recognises the layout from the keys and drops pre-training-only parts (the
+decoder, the EMA teacher) and a fine-tuned classification head; :mod:`kit.backbones.loading` reads
+the files and checks that every other key is present with its exact shape.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kit import frontends
-from kit.backbones import Backbone, CheckpointError
+from kit.backbones import Backbone, CheckpointError, layers, loading
+from kit.backbones.layers import sincos_positions
 
 # Normalisation of the AudioSet fbank statistics used for every released EAT model.
 FBANK_MEAN = -4.268
@@ -71,21 +72,6 @@ CONFIGS: dict[str, EATConfig] = {
 DEFAULT_CONFIG = "cpu"
 
 
-def sincos_positions(embed_dim: int, time_patches: int, freq_patches: int) -> torch.Tensor:
-    """The fixed 2-D sin-cos table of the official code, ``[1, time * freq, D]`` in token order:
-    the first half of the channels encodes the frequency index, the second half the time index."""
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-
-    def encode(index: torch.Tensor) -> torch.Tensor:
-        angles = index.double()[:, None] * omega[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    time_index = torch.arange(time_patches).repeat_interleave(freq_patches)
-    freq_index = torch.arange(freq_patches).repeat(time_patches)
-    return torch.cat([encode(freq_index), encode(time_index)], dim=1).float()[None]
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, embed_dim: int, patch_size: int) -> None:
         super().__init__()
@@ -96,46 +82,15 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+class Block(layers.Block):
+    """The shared post-LN block, its parameters enumerated as EAT's always were (attn, norm1, mlp,
+    norm2). Training checkpoints index the optimiser state by that order, and gradient clipping sums
+    the gradient norms in it, so EAT runs keep resuming and reproducing bit for bit."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(query, key, value)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Post-LN transformer block (data2vec 2.0 ``AltBlock`` with ``layer_norm_first=False``)."""
-
-    def __init__(self, config: EATConfig) -> None:
-        super().__init__()
-        dim = config.embed_dim
-        self.attn = Attention(dim, config.num_heads, config.qkv_bias)
-        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
-        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.norm1(x + self.attn(x))
-        return self.norm2(residual + self.mlp(residual))
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("attn", "norm1", "mlp", "norm2"):
+            self._modules[name] = self._modules.pop(name)
 
 
 class EAT(Backbone):
@@ -157,16 +112,20 @@ class EAT(Backbone):
             )
         self.config = config
         self.target_length = target_length
-        self.embed_dim = config.embed_dim
+        self.embed_dim = dim = config.embed_dim
         self.freq_patches = N_MELS // config.patch_size
         self.local_encoder = PatchEmbed(config.embed_dim, config.patch_size)
         self.register_buffer(
-            "positions", sincos_positions(config.embed_dim, config.max_length, self.freq_patches)
+            "positions",
+            sincos_positions(config.embed_dim, config.max_length, self.freq_patches, dtype=np.float64),
         )
         self.extra_tokens = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         nn.init.normal_(self.extra_tokens, std=0.02)
         self.pre_norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            Block(dim, config.num_heads, config.mlp_ratio, config.qkv_bias, config.norm_eps)
+            for _ in range(config.depth)
+        )
 
     @property
     def max_input_seconds(self) -> float:
@@ -207,11 +166,12 @@ class EAT(Backbone):
         return features[:, None], n_frames.clamp(max=self.target_length)
 
     def forward(
-        self, waves: torch.Tensor, lengths: torch.Tensor | None = None
+        self, waves: torch.Tensor, lengths: torch.Tensor | None = None, augment=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``waves [B, T]`` -> (tokens ``[B, 1 + N, D]`` CLS first, padding mask ``[B, 1 + N]``)."""
+        """``waves [B, T]`` -> (tokens ``[B, 1 + N, D]`` CLS first, padding mask ``[B, 1 + N]``);
+        ``augment(features, n_frames)`` is applied to the fbank in training mode."""
         features, n_frames = self.frontend(waves, lengths)
-        features = self.augment_features(features, n_frames)
+        features = self._augmented(features, n_frames, augment)
         return self.encode(features), self.padding_mask(n_frames)
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
@@ -248,7 +208,7 @@ def build(config_name: str = DEFAULT_CONFIG, target_length: int = 1024, **option
     return EAT(config, target_length=target_length)
 
 
-# ----------------------------------------------------------------------------- checkpoint loading
+# ----------------------------------------------------------------------------- checkpoint filter
 
 # Parts of the pre-training model the encoder never uses (fairseq ``remove_pretraining_modules``).
 _PRETRAINING_ONLY = re.compile(
@@ -271,7 +231,7 @@ def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
     return key
 
 
-def _config_from_fields(fields: dict, source: Path) -> EATConfig:
+def _config_from_fields(fields: dict) -> EATConfig:
     """EATConfig from the fields shared by the fairseq ``cfg.model`` and the HF ``config.json``."""
     image = fields.get("modalities", {}).get("image", {})
     try:
@@ -286,7 +246,9 @@ def _config_from_fields(fields: dict, source: Path) -> EATConfig:
             max_length=int(image.get("max_length", fields.get("max_length", 768))),
         )
     except KeyError as err:
-        raise CheckpointError(f"{source}: EAT config lacks the field {err.args[0]!r}") from err
+        raise CheckpointError(f"EAT config lacks the field {err.args[0]!r}") from err
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"inconsistent EAT config: {err}") from err
     unsupported = {
         "layer_norm_first": fields.get("layer_norm_first", False),
         "norm_affine": not fields.get("norm_affine", True),
@@ -297,9 +259,8 @@ def _config_from_fields(fields: dict, source: Path) -> EATConfig:
     flagged = [name for name, value in unsupported.items() if value]
     if flagged or image.get("num_extra_tokens", 1) != 1:
         raise CheckpointError(
-            f"{source}: EAT variant not supported (released EAT models use post-LN blocks, affine norms, "
-            f"no prenet, no ALiBi, fixed positions and one CLS token); offending fields: "
-            f"{flagged or ['num_extra_tokens']}"
+            "EAT variant not supported (released EAT models use post-LN blocks, affine norms, no prenet, "
+            f"no ALiBi, fixed positions and one CLS token); offending fields: {flagged or ['num_extra_tokens']}"
         )
     return config
 
@@ -310,65 +271,36 @@ def _foreign_backbone(fields: object, keys: list[str]) -> str | None:
     image = fields.get("modalities", {}).get("image", {})
     if "band_width" in fields or "band_width" in image or fields.get("model_type") == "fisher":
         return "fisher"
-    if "encoder_layers" in fields or any(k.startswith("encoder.layers.") for k in keys):
+    if "encoder_layers" in fields or any(str(k).startswith("encoder.layers.") for k in keys):
         return "beats"
     return None
 
 
-def _wrong_backbone(path: Path, other: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is a {other.upper()} checkpoint, not EAT: load it with kit.backbones.load({other!r}, ...)"
-    )
-
-
-# What torch.load raises on damaged or foreign files.
-_READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, AttributeError)
-
-
-def _torch_load(path: Path) -> object:
-    """Load a fairseq ``.pt`` without running its pickled code. Training bookkeeping in the official
-    files (meters, numpy scalars, enums) refers to classes that are not installed here; they are
-    replaced by inert placeholders, since only ``cfg`` and the tensors of ``model`` are read."""
-
-    class Placeholder:
-        def __init__(self, *args, **kwargs) -> None:
-            pass
-
-        def __setstate__(self, state) -> None:
-            pass
-
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except _READ_ERRORS:  # the legacy format, or damaged: torch.load below tells which
-        unsafe = []
-    try:
-        with torch.serialization.safe_globals([(Placeholder, name) for name in unsafe]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except _READ_ERRORS as err:
+def _refuse_foreign(fields: object, keys: list[str]) -> None:
+    other = _foreign_backbone(fields, keys)
+    if other:
         raise CheckpointError(
-            f"cannot read {path} as a PyTorch checkpoint (corrupt or not a .pt file): {err}"
-        ) from err
+            f"this is a {other.upper()} checkpoint, not EAT: load it with kit.backbones.load({other!r}, ...)"
+        )
 
 
-def _fairseq_state(path: Path) -> tuple[EATConfig, dict[str, torch.Tensor]]:
-    loaded = _torch_load(path)
+def _fairseq_state(loaded: object) -> tuple[EATConfig, dict]:
     if not isinstance(loaded, dict) or not isinstance(loaded.get("model"), dict) or "cfg" not in loaded:
-        raise CheckpointError(f"{path}: not a fairseq checkpoint (expected a dict with 'cfg' and 'model')")
+        raise CheckpointError(
+            "not an EAT checkpoint: expected a fairseq checkpoint (a dict with 'cfg' and 'model') or a "
+            f"Hugging Face folder ({loading.HF_CONFIG} + {loading.HF_WEIGHTS})"
+        )
     cfg, weights = loaded["cfg"], loaded["model"]
     model_fields = cfg.get("model") if isinstance(cfg, dict) else None
-    foreign = _foreign_backbone(model_fields if isinstance(model_fields, dict) else cfg, list(weights))
-    if foreign:
-        raise _wrong_backbone(path, foreign)
+    _refuse_foreign(model_fields if isinstance(model_fields, dict) else cfg, list(weights))
     if not isinstance(model_fields, dict):
-        raise CheckpointError(
-            f"{path}: 'cfg' has no 'model' section, so this is not an EAT fairseq checkpoint"
-        )
+        raise CheckpointError("'cfg' has no 'model' section, so this is not an EAT fairseq checkpoint")
     if "pretrained_model_args" in model_fields:
         # A fine-tuned model: the encoder's config is the pre-training one, its weights sit under ``model.``.
         pretrained = model_fields["pretrained_model_args"] or {}
         model_fields = pretrained.get("model", {})
         weights = {k.removeprefix("model."): v for k, v in weights.items() if not _CLASSIFIER_HEAD.match(k)}
-    config = _config_from_fields(model_fields, path)
+    config = _config_from_fields(model_fields)
     state = {
         _rename(key, _FAIRSEQ_RENAMES): value
         for key, value in weights.items()
@@ -377,63 +309,43 @@ def _fairseq_state(path: Path) -> tuple[EATConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def _hf_state(folder: Path) -> tuple[EATConfig, dict[str, torch.Tensor]]:
-    config_file, weights_file = folder / "config.json", folder / "model.safetensors"
-    absent = [p.name for p in (config_file, weights_file) if not p.is_file()]
-    if absent:
-        raise CheckpointError(
-            f"{folder}: a Hugging Face EAT folder needs config.json and model.safetensors; missing {absent}"
-        )
-    try:
-        fields = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_file}: not valid JSON: {err}") from err
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(str(weights_file))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"cannot read {weights_file} (corrupt or not safetensors): {err}") from err
-    foreign = _foreign_backbone(fields, list(weights))
-    if foreign:
-        raise _wrong_backbone(folder, foreign)
-    config = _config_from_fields(fields, folder)
-    state = {}
-    for key, value in weights.items():
-        if _CLASSIFIER_HEAD.match(key):
-            continue
-        state[_rename(key.removeprefix("model."), _HF_RENAMES)] = value
+def _hf_state(folder: dict) -> tuple[EATConfig, dict]:
+    fields, weights = folder[loading.HF_CONFIG], folder[loading.HF_WEIGHTS]
+    _refuse_foreign(fields, list(weights))
+    config = _config_from_fields(fields)
+    state = {
+        _rename(key.removeprefix("model."), _HF_RENAMES): value
+        for key, value in weights.items()
+        if not _CLASSIFIER_HEAD.match(key)
+    }
     return config, state
 
 
-def _check_state(model: EAT, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: EAT keys do not match; missing {missing}, unexpected {unexpected}")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
-                f"expected {tuple(tensor.shape)} for this EAT config"
-            )
+def filter_state(raw: object) -> tuple[EATConfig, dict]:
+    """A read checkpoint (:func:`kit.backbones.loading.read_checkpoint`) -> (config, state dict in this
+    module's names). The layout is recognised from the keys: a Hugging Face folder
+    (``config.json`` + ``model.safetensors``) or a fairseq ``.pt`` (``cfg`` + ``model``, pre-trained or
+    fine-tuned); pre-training-only parts and a classification head are dropped."""
+    if isinstance(raw, dict) and loading.HF_WEIGHTS in raw and loading.HF_CONFIG in raw:
+        return _hf_state(raw)
+    return _fairseq_state(raw)
 
 
 def from_checkpoint(path: str | Path, target_length: int = 1024) -> EAT:
     """Load released EAT weights from a fairseq ``.pt`` file or a Hugging Face folder, exactly."""
-    path = Path(path)
-    if path.is_dir():
-        config, state = _hf_state(path)
-    elif path.is_file():
-        config, state = _fairseq_state(path)
-    else:
-        raise FileNotFoundError(f"EAT checkpoint not found: {path}")
-    model = EAT(config, target_length=target_length)
-    _check_state(model, state, path)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model = loading.load_checkpoint(
+        path, "EAT", filter_state, lambda config: EAT(config, target_length=target_length)
+    )
     return model.eval()
 
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "EAT", "EATConfig", "build", "from_checkpoint", "sincos_positions"]
+__all__ = [
+    "CONFIGS",
+    "DEFAULT_CONFIG",
+    "EAT",
+    "EATConfig",
+    "build",
+    "filter_state",
+    "from_checkpoint",
+    "sincos_positions",
+]

@@ -16,7 +16,8 @@ Encoder, per band ``[T, band_width]``: a 16x16 Conv2d patch embedding (time x fr
 flattened time-major (``flatten='freq'``: frequency varies fastest) or freq-major (``'time'``),
 the first N rows of a fixed 2-D sin-cos position table of ``max_length x max_freq`` patches added
 (the table is indexed by token number, as the authors do, not by the patch's grid cell), a CLS token
-prepended, LayerNorm, then the blocks (post-LN in every release).
+prepended, LayerNorm, then the blocks (post-LN in every release); the layers are the ones EAT shares
+(:mod:`kit.backbones.layers`), the position table computed in float32 as the authors do.
 
 Two paths, chosen by ``pad_to``; they give DIFFERENT embeddings for clips shorter than 1024 frames:
 
@@ -29,8 +30,8 @@ Two paths, chosen by ``pad_to``; they give DIFFERENT embeddings for clips shorte
   content, as in their code. Every clip is padded on its own, so a batch needs no mask.
 
 Checkpoints: the released ``.pt`` files, ``{"cfg": {"model": {...}}, "model": state_dict}``; the
-number of heads comes from ``cfg`` (the weights do not tell it). The release key names are mapped
-onto this module's names explicitly and checked strictly.
+number of heads comes from ``cfg`` (the weights do not tell it). :func:`filter_state` maps the release
+key names onto this module's names explicitly; :mod:`kit.backbones.loading` checks them strictly.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ import torchaudio
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kit.backbones import Backbone, CheckpointError
+from kit.backbones import Backbone, CheckpointError, loading
+from kit.backbones.layers import Block, sincos_positions
 
 SAMPLE_RATE = 16000
 SPEC_OFFSET = 3.017344307886898  # the authors' normalisation: (x + offset) / scale
@@ -96,73 +97,6 @@ CONFIGS = {
 DEFAULT_CONFIG = "cpu"
 
 
-def sincos_positions(embed_dim: int, rows: int, cols: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos table ``[rows * cols, embed_dim]`` in row-major order (MAE convention:
-    the first half of the channels encodes the column index, the second half the row index)."""
-
-    def one_axis(dim: int, positions: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float32) / (dim / 2.0))
-        angles = np.einsum("m,d->md", positions.reshape(-1), omega)
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    col_index, row_index = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
-    table = np.concatenate([one_axis(embed_dim // 2, col_index), one_axis(embed_dim // 2, row_index)], axis=1)
-    return torch.from_numpy(table).float()
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (release names ``attn.qkv/proj``)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = (
-            self.qkv(x)
-            .reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-            .permute(2, 0, 3, 1, 4)
-        )
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """data2vec-2.0 ``AltBlock`` (inference path: no dropout)."""
-
-    def __init__(self, config: FisherConfig) -> None:
-        super().__init__()
-        dim = config.embed_dim
-        self.layer_norm_first = config.layer_norm_first
-        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=config.norm_affine)
-        self.attn = Attention(dim, config.num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=config.norm_affine)
-        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
-
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
-        if self.layer_norm_first:
-            x = x + self.attn(self.norm1(x), attend)
-            # The reference pre-LN branch adds the MLP output to itself and drops the residual
-            # (``r = x = mlp(...); x = r + x``); a checkpoint trained that way needs the same.
-            return 2 * self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, attend))
-        return self.norm2(x + self.mlp(x))
-
-
 class Fisher(Backbone):
     """FISHER: ``forward(waves [B, S], lengths [B]) -> (band CLS tokens [B, n_bands, D], mask [B, n_bands])``.
 
@@ -195,11 +129,24 @@ class Fisher(Backbone):
         dim = config.embed_dim
         self.patch_embed = nn.Conv2d(1, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
-        self.register_buffer("positions", sincos_positions(dim, config.max_length, config.max_freq)[None])
+        # The authors compute the table in float32 (a released checkpoint brings its own copy).
+        self.register_buffer(
+            "positions", sincos_positions(dim, config.max_length, config.max_freq, dtype=np.float32)
+        )
         norm = lambda: nn.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=config.norm_affine)
         # Post-LN models normalise the tokens before the blocks, pre-LN models after them.
         self.pre_norm = None if config.layer_norm_first else norm()
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                config.num_heads,
+                config.mlp_ratio,
+                norm_eps=config.norm_eps,
+                norm_affine=config.norm_affine,
+                layer_norm_first=config.layer_norm_first,
+            )
+            for _ in range(config.depth)
+        )
         self.norm = norm() if config.layer_norm_first else None
         self._init_weights()
 
@@ -336,9 +283,10 @@ class Fisher(Backbone):
             x = self.norm(x)
         return x[:, 0].reshape(batch, self.n_bands, self.embed_dim)
 
-    def forward(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``augment(spec, frames)`` is applied to the path-fitted spectrum in training mode."""
         spec, frames = self._fit_frames(*self.frontend(waves, lengths))
-        spec = self.augment_features(spec, frames)
+        spec = self._augmented(spec, frames, augment)
         tokens = self.encode(spec, frames)
         return tokens, torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
@@ -362,52 +310,29 @@ def build(config_name: str, pad_to: int | None = None, max_frames: int | None = 
     return Fisher(dataclasses.replace(CONFIGS[config_name], **options), pad_to=pad_to, max_frames=max_frames)
 
 
+# ----------------------------------------------------------------------------- checkpoint filter
+
 # Release name prefix -> this module's name prefix.
 _RELEASE_NAMES = (
     ("modality_encoders.IMAGE.local_encoder.proj.", "patch_embed."),
     ("modality_encoders.IMAGE.extra_tokens", "cls_token"),
     ("modality_encoders.IMAGE.fixed_positional_encoder.positions", "positions"),
     ("modality_encoders.IMAGE.context_encoder.norm.", "pre_norm."),
-    ("blocks.", "blocks."),
-    ("norm.", "norm."),
 )
 
 
-def _rename(key: str, source: int, target: int) -> str | None:
-    for names in _RELEASE_NAMES:
-        if key.startswith(names[source]):
-            return names[target] + key[len(names[source]) :]
-    return None
+def _rename(key: str) -> str:
+    """A release key in this module's names; keys without a mapping (``blocks.``, ``norm.``, and
+    anything unexpected) keep theirs, so the strict load names them as they are in the file."""
+    for old, new in _RELEASE_NAMES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
-def _checkpoint_file(path: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"FISHER checkpoint not found: {path}")
-    if path.is_file():
-        return path
-    candidates = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth"))
-    if len(candidates) != 1:
-        found = sorted(p.name for p in path.iterdir())
-        raise CheckpointError(f"{path}: expected one FISHER release .pt file in this folder, found {found}")
-    return candidates[0]
-
-
-def _release_config(release, file: Path) -> tuple[FisherConfig, dict]:
-    """Check that ``release`` (a loaded file) is a FISHER release and read its architecture from ``cfg``."""
-    if not isinstance(release, dict) or not isinstance(release.get("model"), dict):
-        raise CheckpointError(f"{file}: not a FISHER checkpoint (expected a dict with 'cfg' and 'model')")
-    state = release["model"]
-    cfg = release.get("cfg")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
-        family = "a BEATs checkpoint" if any(k.startswith("encoder.layers.") for k in state) else "not FISHER"
-        raise CheckpointError(f"{file}: {family} (no cfg['model'] section); FISHER files hold cfg['model']")
-    model_cfg = cfg["model"]
+def _release_config(model_cfg: dict) -> FisherConfig:
+    """The architecture in a FISHER release's ``cfg['model']``; refuses variants this module lacks."""
     image = model_cfg.get("modalities", {}).get("image", {})
-    if "band_width" not in model_cfg:
-        raise CheckpointError(
-            f"{file}: cfg['model'] has no 'band_width': an EAT/data2vec checkpoint, not FISHER "
-            "(load it with kit.backbones.load('eat', ...))"
-        )
     embed_dim = int(model_cfg.get("embed_dim", 768))
     unsupported = {
         "num_extra_tokens": (image.get("num_extra_tokens", 1), 1),
@@ -419,11 +344,9 @@ def _release_config(release, file: Path) -> tuple[FisherConfig, dict]:
     }
     for field, (value, expected) in unsupported.items():
         if value != expected:
-            raise CheckpointError(
-                f"{file}: cfg {field}={value!r} is not supported (released FISHER: {expected!r})"
-            )
+            raise CheckpointError(f"cfg {field}={value!r} is not supported (released FISHER: {expected!r})")
     try:
-        config = FisherConfig(
+        return FisherConfig(
             embed_dim=embed_dim,
             depth=int(model_cfg.get("depth", 12)),
             num_heads=int(model_cfg.get("num_heads", 12)),
@@ -437,47 +360,35 @@ def _release_config(release, file: Path) -> tuple[FisherConfig, dict]:
             norm_eps=float(model_cfg.get("norm_eps", 1e-6)),
             norm_affine=bool(model_cfg.get("norm_affine", True)),
         )
-    except ValueError as err:
-        raise CheckpointError(f"{file}: inconsistent FISHER cfg: {err}") from err
-    return config, state
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"inconsistent FISHER cfg: {err}") from err
 
 
-def _converted_state(state: dict, model: Fisher, file: Path) -> dict:
-    """Release state dict -> this module's names, checking keys and shapes strictly."""
-    expected = model.state_dict()
-    converted, unexpected = {}, []
-    for key, tensor in state.items():
-        name = _rename(key, 0, 1)
-        if name in expected:
-            converted[name] = tensor
-        else:
-            unexpected.append(key)
-    missing = [_rename(name, 1, 0) for name in expected if name not in converted]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{file}: FISHER keys do not match the configuration in cfg: "
-            f"missing {missing}, unexpected {unexpected}"
+def filter_state(raw: object) -> tuple[FisherConfig, dict]:
+    """A read release file (``{"cfg": {"model": {...}}, "model": state_dict}``) -> (config, state dict
+    in this module's names). The number of heads comes from ``cfg`` (the weights do not tell it);
+    BEATs and EAT files are recognised and refused by name."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise CheckpointError("not a FISHER checkpoint (expected a dict with 'cfg' and 'model')")
+    state = raw["model"]
+    cfg = raw.get("cfg")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        family = (
+            "a BEATs checkpoint" if any(str(k).startswith("encoder.layers.") for k in state) else "not FISHER"
         )
-    for name, tensor in converted.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{file}: tensor {_rename(name, 1, 0)} has shape {tuple(tensor.shape)}, "
-                f"the configuration in cfg expects {tuple(expected[name].shape)}"
-            )
-    return converted
+        raise CheckpointError(f"{family} (no cfg['model'] section); FISHER files hold cfg['model']")
+    if "band_width" not in cfg["model"]:
+        raise CheckpointError(
+            "cfg['model'] has no 'band_width': an EAT/data2vec checkpoint, not FISHER "
+            "(load it with kit.backbones.load('eat', ...))"
+        )
+    return _release_config(cfg["model"]), {_rename(key): value for key, value in state.items()}
 
 
 def from_checkpoint(
     path: str | os.PathLike, pad_to: int | None = None, max_frames: int | None = None
 ) -> Fisher:
     """Load a released FISHER ``.pt`` file (or a folder holding one) exactly, strict key check."""
-    file = _checkpoint_file(Path(path))
-    try:
-        release = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises several kinds on a corrupt or foreign file
-        raise CheckpointError(f"cannot read FISHER checkpoint {file}: {err}") from err
-    config, state = _release_config(release, file)
-    model = Fisher(config, pad_to=pad_to, max_frames=max_frames)
-    model.load_state_dict(_converted_state(state, model, file))
-    model.pretrained = True
-    return model
+    return loading.load_checkpoint(
+        path, "FISHER", filter_state, lambda config: Fisher(config, pad_to=pad_to, max_frames=max_frames)
+    )

@@ -9,7 +9,7 @@ trained branches. ``kit.train.statistics_embedder`` builds that embedder.
 Front-end, per clip at 16 kHz: power STFT (periodic Hann window, ``center=False``), an HTK mel
 filterbank without area normalisation (torchaudio's ``MelSpectrogram`` defaults), ``10 log10(x +
 1e-10)``. The ``"dcase"`` configuration (64 bands, n_fft 1024, hop 512) is the detector of
-``kit.synth_check`` except for ``center=False``: every frame lies inside its own clip, so a clip's
+``kit.tools.synth_check`` except for ``center=False``: every frame lies inside its own clip, so a clip's
 frames are the same alone or zero-padded in a batch (``center=True`` would reflect-pad each clip's
 ends, which a padded batch cannot reproduce). With ``deltas`` each token also holds the frame-to-frame
 difference of the bands, whose standard deviation measures how fast each band fluctuates.
@@ -55,7 +55,7 @@ class LogMelConfig:
 
 
 CONFIGS = {
-    "dcase": LogMelConfig(),  # the kit.synth_check detector
+    "dcase": LogMelConfig(),  # the kit.tools.synth_check detector
     "dcase_deltas": LogMelConfig(deltas=True),
     "fine": LogMelConfig(n_mels=128, n_fft=2048, hop_length=512),
 }
@@ -140,10 +140,11 @@ class LogMel(Backbone):
         past_end = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
         return logmel.masked_fill(past_end[:, :, None], 0.0), frames
 
-    def forward(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``augment(logmel, frames)`` is applied to the log-mel in training mode (before the deltas)."""
         check_waves(waves, lengths, self.min_samples, "LogMel")
         logmel, frames = self.frontend(waves, lengths)
-        logmel = self.augment_features(logmel, frames)
+        logmel = self._augmented(logmel, frames, augment)
         if self.config.deltas:
             # Token t holds frame t and frame t+1 minus frame t: one token fewer than frames.
             delta = logmel[:, 1:] - logmel[:, :-1]

@@ -1,9 +1,9 @@
-"""Benchmark of the far-channel cancellers: ``python -m kit.bench_denoise``.
+"""Benchmark of the far-channel cancellers: ``python -m kit.tools.bench_denoise`` (``dcase-kit bench-denoise``).
 
 Runs every canceller of ``kit.denoise`` (default settings) on a batch of stereo clips (default 8 x 10 s
 at 16 kHz, random noise: the cost does not depend on the content) and prints milliseconds per clip,
 the best of ``--repeats`` runs after one warm-up, so the front-end's cost can be set beside a backbone's
-forward pass (``python -m kit.bench backbones``: BEATs at release size runs about 1 clip/s on this
+forward pass (``python -m kit.tools.bench backbones``: BEATs at release size runs about 1 clip/s on this
 project's CPU). ``--threads`` sets torch's intra-op threads (default 1: one core of a shared machine);
 ``--device cuda`` times on a GPU (synchronised).
 """
@@ -11,6 +11,7 @@ project's CPU). ``--threads`` sets torch's intra-op threads (default 1: one core
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import pandas as pd
@@ -52,8 +53,8 @@ def time_cancellers(
     return pd.DataFrame(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kit.bench_denoise", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.bench_denoise") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
     parser.add_argument("--repeats", type=int, default=3, help="report the best of this many runs")
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} thread(s), best of {args.repeats}"
     )
     print(table.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,18 +12,18 @@ re-renders it from its deterministic plan (nothing extra is written to disk), a 
 reads the mono clip its near channel was mixed from. ``clean`` against ``near`` shows the gap the
 noise opens, each canceller against ``near`` the part of it the canceller closes.
 
-``python -m kit.synth_check ROOT`` reports, for every channel the dataset has (``--channels`` picks
-some): a summary (official score and mean AUCs per channel, hmean per machine and channel); per
-channel the per-machine AUC(source), AUC(target), pAUC and hmean, the leave-one-out 1-NN accuracy of
-predicting a training clip's attributes from the same features (is there something for a proxy
-classifier to learn?) and, when ``ROOT/synth_clips.csv`` exists (a ``kit.synth`` dataset), the AUC per
-anomaly kind and severity tercile; for a ``kit.synth`` dataset also the measured levels per machine
-(near and far machine-to-noise ratios, far machine level against the near one). It exits with status 1
-when the synthetic dataset misses its calibration: the near-channel official score outside
-[0.55, 0.80], the far channel not harder than the near channel, the target domain not harder than the
-source, or the clean signal not clearly easier than the near channel (by ``CLEAN_MARGIN``). It works
-on real development sets too (mono sets: the near channel only; the calibration verdict is then only
-informative).
+``python -m kit.tools.synth_check ROOT`` (``dcase-kit synth-check ROOT``) reports, for every channel the
+dataset has (``--channels`` picks some): a summary (official score and mean AUCs per channel, hmean per
+machine and channel); per channel the per-machine AUC(source), AUC(target), pAUC and hmean, the
+leave-one-out 1-NN accuracy of predicting a training clip's attributes from the same features (is there
+something for a proxy classifier to learn?) and, when ``ROOT/synth_clips.csv`` exists (a ``kit.synth``
+dataset), the AUC per anomaly kind and severity tercile; for a ``kit.synth`` dataset also the measured
+levels per machine (near and far machine-to-noise ratios, far machine level against the near one). It
+exits with status 1 when the synthetic dataset misses its calibration: the near-channel official score
+outside [0.55, 0.80], the far channel not harder than the near channel, the target domain not harder
+than the source, or the clean signal not clearly easier than the near channel (by ``CLEAN_MARGIN``). It
+works on real development sets too (mono sets: the near channel only; the calibration verdict is then
+only informative).
 """
 
 from __future__ import annotations
@@ -409,8 +409,8 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kit.synth_check", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.synth_check") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="dataset root holding dev_data/raw/<machine>/{train,test}")
     parser.add_argument("--metric", choices=METRICS, default="cosine")
     parser.add_argument(

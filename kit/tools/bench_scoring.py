@@ -1,4 +1,4 @@
-"""Benchmark of the scoring backends: ``python -m kit.bench_scoring``.
+"""Benchmark of the scoring backends: ``python -m kit.tools.bench_scoring`` (``dcase-kit bench-scoring``).
 
 Scores a development-sized problem (7 machines x 1,000 normal training embeddings, 990 source and 10
 target, plus 200 test embeddings, 768 dimensions, near channel) with each backend configuration and
@@ -14,6 +14,7 @@ settings are worth a look.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -93,8 +94,8 @@ def time_fusion(
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.bench_scoring") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--machines", type=int, default=7)
     parser.add_argument("--dims", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument(
         "--fusion-branches", type=int, default=8, help="branches of the fusion search (0: skip)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with threadpool_limits(limits=args.blas_threads, user_api="blas"):
         table = run(args.machines, args.dims, args.repeats)
         fusion = time_fusion(args.fusion_branches, args.machines) if args.fusion_branches else None
@@ -117,7 +118,8 @@ def main() -> None:
     if fusion is not None:
         print()
         print(fusion.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

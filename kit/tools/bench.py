@@ -1,9 +1,12 @@
 """Benchmarks that print a table (speed and memory are measured here, never asserted in tests).
 
-    python -m kit.bench backbones [--batch 8] [--seconds 10] [--extract-batch 8] [--extract-seconds 16]
-                                  [--repeats 5] [--device cpu|cuda] [--precision auto]
-    python -m kit.bench loader    [--clips 32] [--clip-seconds 16] [--crop-seconds 5] [--batch 16]
-                                  [--batches 20] [--workers 0 2] [--repeats 3]
+    python -m kit.tools.bench backbones [--batch 8] [--seconds 10] [--extract-batch 8]
+                                        [--extract-seconds 16] [--repeats 5] [--device cpu|cuda]
+                                        [--precision auto]
+    python -m kit.tools.bench loader    [--clips 32] [--clip-seconds 16] [--crop-seconds 5] [--batch 16]
+                                        [--batches 20] [--workers 0 2] [--repeats 3]
+
+The same through the ``dcase-kit`` command: ``dcase-kit bench backbones``, ``dcase-kit bench loader``.
 
 ``backbones``: for each backbone at its release size with random weights (BEATs iter3, EAT-base,
 FISHER-small): clips/s for a batch of 10-s clips (median of ``--repeats`` timed batches after one
@@ -243,7 +246,7 @@ def measure_extraction(
 
 def _run_isolated(args, *what) -> dict:
     """One measurement in a fresh process (its peak memory is then its own)."""
-    cmd = [sys.executable, "-m", "kit.bench", *what]
+    cmd = [sys.executable, "-m", "kit.tools.bench", *what]
     for flag in ("batch", "seconds", "extract_batch", "extract_seconds", "repeats", "device", "threads"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--precision", args.precision]
@@ -479,8 +482,8 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kit.bench", description="toolkit benchmarks")
+def build_parser(prog: str = "python -m kit.tools.bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="toolkit benchmarks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{backbones,loader}")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)
@@ -491,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.bench") -> int:
+    args = build_parser(prog).parse_args(argv)
     torch.set_num_threads(args.threads)
     return args.run(args)
 
