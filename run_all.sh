@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the numbered notebooks in order with papermill:  ./run_all.sh [SYSTEM] [options]
+# Run the numbered notebooks in order with papermill:  ./run_all.sh [RECIPE] [options]
 #   ./run_all.sh                  the embedded default (generated data, all three backbones in their
 #                                 small CPU configurations, scored, fused, submitted)
 #   ./run_all.sh audiocc_1 --only 01,02     ./run_all.sh --set 02.steps=50     ./run_all.sh --list

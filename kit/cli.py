@@ -1,6 +1,6 @@
 """``dcase-kit``: one command for the toolkit, with a subcommand per tool.
 
-    dcase-kit run [SYSTEM] [options]     the notebooks for a system (the same as ./run_all.sh)
+    dcase-kit run [RECIPE] [options]     the notebooks for a recipe (the same as ./run_all.sh)
     dcase-kit metrics SCORES_DIR         official metrics of official-format score files
     dcase-kit COMMAND --help             the options and examples of one command
 
@@ -31,8 +31,8 @@ class Command:
 
 
 COMMANDS = {
-    "run": Command("kit.pipeline", "run the notebooks for a system (the same as ./run_all.sh)"),
-    "list": Command("kit.pipeline", "the systems of notebooks/systems/ and what each one is"),
+    "run": Command("kit.pipeline", "run the notebooks for a recipe (the same as ./run_all.sh)"),
+    "list": Command("kit.pipeline", "the recipes of notebooks/recipes/ and what each one is"),
     "metrics": Command("kit.metrics", "official metrics of official-format score files"),
     "validate": Command(
         "kit.submission",
@@ -82,17 +82,22 @@ COMMANDS = {
     ),
     "benchmark": Command(
         "kit.tools.benchmark",
-        "quality benchmark: one system over several seeds on a dataset (mean and spread table)",
+        "quality benchmark: one recipe over several seeds on a dataset (mean and spread table)",
         (
             "benchmark data/dcase2023_toycar --name toycar",
-            "benchmark embedded --system default",
+            "benchmark embedded --recipe default",
             "benchmark --tables runs/benchmark/toycar",
         ),
     ),
     "bench": Command(
         "kit.tools.bench",
-        "backbone and data loader speed and memory benchmark (prints a table)",
-        ("bench backbones", "bench backbones --device cuda --batch 16 --backbones beats eat", "bench loader"),
+        "backbone, data loader and training speed and memory benchmarks (prints a table)",
+        (
+            "bench backbones",
+            "bench backbones --device cuda --batch 16 --backbones beats eat",
+            "bench loader",
+            "bench train --steps 5",
+        ),
     ),
     "bench-scoring": Command(
         "kit.tools.bench_scoring",
@@ -104,12 +109,17 @@ COMMANDS = {
         "far-channel canceller benchmark: milliseconds per clip (prints a table)",
         ("bench-denoise", "bench-denoise --device cuda --batch 16 --backward"),
     ),
+    "domain-options": Command(
+        "kit.tools.domain_options",
+        "target-domain options (references, SMOTE, normalisation) on a run's embeddings (prints a table)",
+        ("domain-options runs/benchmark/toycar/seed-0 runs/benchmark/toycar/seed-1 --branches cnn logmel",),
+    ),
 }
 
 _MAIN_EXAMPLES = (
-    "run                                  # the embedded default, notebooks 01-06",
-    "run audiocc_1 --only 01,02           # two notebooks of a report system",
-    "list                                 # the systems",
+    "run                                  # the embedded default, notebooks 01-08",
+    "run audiocc_1 --only 01,02           # two notebooks of a report recipe",
+    "list                                 # the recipes",
     "metrics runs/RUN/dev_scores          # development results of every system of a run",
     "validate submissions/embedded_default.zip",
 )
@@ -139,12 +149,12 @@ def _version() -> str:
         return "not installed (run from a checkout)"
 
 
-def _list_systems(argv: list[str]) -> int:
+def _list_recipes(argv: list[str]) -> int:
     from kit import pipeline
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} list",
-        description="The systems of notebooks/systems/: name and description (run one: dcase-kit run NAME).",
+        description="The recipes of notebooks/recipes/: name and description (run one: dcase-kit run NAME).",
         epilog=f"examples:\n  {PROG} list\n  {PROG} list --names    # one name a line, for scripts",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -154,7 +164,7 @@ def _list_systems(argv: list[str]) -> int:
     except SystemExit as exit_:  # --help or a usage error
         return exit_.code
     try:
-        print("\n".join(pipeline.system_names()) if args.names else pipeline.describe_systems())
+        print("\n".join(pipeline.recipe_names()) if args.names else pipeline.describe_recipes())
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if name == "list":
-        return _list_systems(rest)
+        return _list_recipes(rest)
     command = COMMANDS[name]
     module = _import(name, command)
     if module is None:

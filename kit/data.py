@@ -413,7 +413,7 @@ def needs_stereo(channel: str) -> bool:
 
 def usable_channels(channels, index: pd.DataFrame, *, mono_fallback: bool = False) -> tuple[str, ...]:
     """``channels`` as a dataset can give them. On a dataset with mono clips a channel that needs the
-    far microphone is an error naming a mono clip, or, with ``mono_fallback`` (the default system's
+    far microphone is an error naming a mono clip, or, with ``mono_fallback`` (the default recipe's
     choice, so any dataset root runs as it is), left out with a note."""
     channels = tuple(check_channel(c) for c in ((channels,) if isinstance(channels, str) else channels))
     mono = index.loc[index["channels"].fillna(2) < 2, "path"]

@@ -1,17 +1,17 @@
-"""Run the numbered notebooks in order with papermill, for one named system or the embedded default.
+"""Run the numbered notebooks in order with papermill, for one named recipe or the embedded default.
 
-A *system* is a YAML file in ``notebooks/systems/``: an ordered list of steps, each a notebook and
+A *recipe* is a YAML file in ``notebooks/recipes/``: an ordered list of steps, each a notebook and
 its papermill parameters (``${VAR}`` and ``${VAR:-default}`` expand from the environment, so checkpoint paths can
 come from variables such as ``BEATS_CHECKPOINT``; an empty value means "none"). Every notebook also
 gets ``data_root`` and ``run_dir``, so all stages read from and write to one run folder.
 
-    python -m kit.pipeline [SYSTEM] --data-root embedded --run-dir runs/x
+    python -m kit.pipeline [RECIPE] --data-root embedded --run-dir runs/x
     python -m kit.pipeline --list
     python -m kit.pipeline default --set 02.training.steps=50 --set 02.training.lr=1e-4 --only 01,02
 
 ``--set NOTEBOOK.PARAM=VALUE`` replaces a parameter of every step of that notebook;
 ``--set NOTEBOOK.PARAM.KEY=VALUE`` (any depth) sets one key inside a mapping parameter and keeps
-its other keys (the system's, or the notebook's default where the system sets none). A parameter
+its other keys (the recipe's, or the notebook's default where the recipe sets none). A parameter
 the notebook does not declare is an error, so a typo never runs unnoticed. Values parse as YAML
 (``50``, ``1e-4``, ``[near]``, ``null``).
 
@@ -38,14 +38,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-SYSTEMS = NOTEBOOKS / "systems"
+RECIPES = NOTEBOOKS / "recipes"
 EMBEDDED = "embedded"
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML that reads ``1e-4`` as a number, as YAML 1.2 does (PyYAML's YAML 1.1 makes it a
-    string, which a learning rate must not silently become). For system files and --set values."""
+    string, which a learning rate must not silently become). For recipes and --set values."""
 
 
 _Loader.add_implicit_resolver(
@@ -59,10 +59,10 @@ ENVIRONMENT_HELP = """\
 environment variables:
   DATA_ROOT          dataset root in the official layout (<root>/dev_data/raw/<machine>/...);
                      default "embedded": the generated dataset in data/embedded (same as --data-root)
-  RUN_DIR            run folder; default a new folder runs/<system>-<date>-<time> (same as --run-dir)
-  BEATS_CHECKPOINT   pre-trained checkpoints the system files use: a local path, a Hugging Face
+  RUN_DIR            run folder; default a new folder runs/<recipe>-<date>-<time> (same as --run-dir)
+  BEATS_CHECKPOINT   pre-trained checkpoints the recipes use: a local path, a Hugging Face
   EAT_CHECKPOINT     repo id (e.g. worstchan/EAT-base_epoch30_pretrain) or a URL; the report
-  FISHER_CHECKPOINT  systems refuse to run without theirs, the default system needs none
+  FISHER_CHECKPOINT  recipes refuse to run without theirs, the default recipe needs none
   TEAM_LABEL         submission label prefix: Smith_UNI gives Smith_UNI_task2_N (default Repro_Kit)
   KIT_AUTHORS        YAML file with the submission's authors (written into <label>.meta.yaml)
   KIT_KERNEL         Jupyter kernel the notebooks run in (same as --kernel; default: the notebooks' own)
@@ -74,8 +74,8 @@ def notebook_paths() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
-def system_names() -> list[str]:
-    return sorted(p.stem for p in SYSTEMS.glob("*.yaml"))
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
 def _substitute(text: str) -> str:
@@ -95,10 +95,10 @@ def _expand(value):
     return value
 
 
-def load_system(name_or_path: str) -> dict:
-    """The system's YAML with environment variables expanded:
+def load_recipe(name_or_path: str) -> dict:
+    """The recipe's YAML with environment variables expanded:
     ``{name, description, steps: [{notebook, params}, ...]}`` (a notebook may appear several times,
-    e.g. one fine-tuning run per BEATs variant of a fusion system)."""
+    e.g. one fine-tuning run per BEATs variant of a fusion recipe)."""
     if not NOTEBOOKS.is_dir():
         raise FileNotFoundError(
             f"no notebooks folder at {NOTEBOOKS}: the pipeline runs from a checkout of the repository "
@@ -106,10 +106,10 @@ def load_system(name_or_path: str) -> dict:
         )
     path = Path(name_or_path)
     if not path.suffix:
-        path = SYSTEMS / f"{name_or_path}.yaml"
+        path = RECIPES / f"{name_or_path}.yaml"
     if not path.exists():
         raise FileNotFoundError(
-            f"unknown system {name_or_path!r}: no {path}; known: {', '.join(system_names())}"
+            f"unknown recipe {name_or_path!r}: no {path}; known: {', '.join(recipe_names())}"
         )
     spec = yaml.load(path.read_text(), Loader=_Loader) or {}
     steps = spec.get("steps")
@@ -123,9 +123,9 @@ def load_system(name_or_path: str) -> dict:
     return {"name": path.stem, "description": spec.get("description", ""), "steps": steps}
 
 
-def describe_systems() -> str:
-    """One line per system file: its name and description (what ``--list`` prints)."""
-    return "\n".join(f"{name:16s} {load_system(name)['description']}" for name in system_names())
+def describe_recipes() -> str:
+    """One line per recipe: its name and description (what ``--list`` prints)."""
+    return "\n".join(f"{name:16s} {load_recipe(name)['description']}" for name in recipe_names())
 
 
 def _notebook_key(text: str) -> str:
@@ -194,7 +194,7 @@ def _set_nested(params: dict, path: list[str], value, where: str) -> None:
 
 
 def apply_overrides(spec: dict, overrides: list[str]) -> dict:
-    """A copy of the loaded system ``spec`` with the ``--set`` overrides applied to every step of
+    """A copy of the loaded recipe ``spec`` with the ``--set`` overrides applied to every step of
     the notebook they name (``02`` or ``02_finetune_beats``)."""
     spec = copy.deepcopy(spec)
     for text in overrides:
@@ -203,7 +203,7 @@ def apply_overrides(spec: dict, overrides: list[str]) -> dict:
         if not matching:
             present = ", ".join(dict.fromkeys(step["notebook"] for step in spec["steps"]))
             raise ValueError(
-                f"--set {text!r}: notebook {notebook!r} is not part of system {spec['name']} (its notebooks: {present})"
+                f"--set {text!r}: notebook {notebook!r} is not part of recipe {spec['name']} (its notebooks: {present})"
             )
         for step in matching:
             declared = notebook_parameters(step["notebook"])
@@ -214,31 +214,31 @@ def apply_overrides(spec: dict, overrides: list[str]) -> dict:
                     f"(its parameters: {', '.join(declared)})"
                 )
             if len(path) > 1 and param not in step["params"]:
-                # a key inside a mapping the system leaves at the notebook's default: keep the other keys
+                # a key inside a mapping the recipe leaves at the notebook's default: keep the other keys
                 step["params"][param] = copy.deepcopy(declared.get(param))
             _set_nested(step["params"], path, value, f"--set {text!r} ({step['notebook']})")
     return spec
 
 
-def plan_system(
-    system: str,
+def plan_recipe(
+    recipe: str,
     data_root: str,
     run_dir: str | os.PathLike,
     *,
     overrides: list[str] = (),
     only: list[str] | None = None,
 ) -> list[dict]:
-    """The steps ``run_system`` would execute, in order: ``{notebook, label, target, params}`` with
+    """The steps ``run_recipe`` would execute, in order: ``{notebook, label, target, params}`` with
     the final papermill parameters (``data_root``, ``run_dir`` and the overrides included). Raises
-    ValueError for an override or an ``only`` entry that names no notebook of the system."""
-    spec = apply_overrides(load_system(system), list(overrides))
+    ValueError for an override or an ``only`` entry that names no notebook of the recipe."""
+    spec = apply_overrides(load_recipe(recipe), list(overrides))
     run_dir = Path(run_dir).resolve()
     wanted = [_notebook_key(item.strip()) for item in only or [] if item.strip()]
     unknown = [key for key in wanted if not any(_is_notebook(step, key) for step in spec["steps"])]
     if unknown:
         present = ", ".join(dict.fromkeys(step["notebook"] for step in spec["steps"]))
         raise ValueError(
-            f"--only {','.join(unknown)}: not a notebook of system {spec['name']} (its notebooks: {present})"
+            f"--only {','.join(unknown)}: not a notebook of recipe {spec['name']} (its notebooks: {present})"
         )
     plan = []
     for step in spec["steps"]:
@@ -253,27 +253,31 @@ def plan_system(
 
 
 def _finetuned_backbone(notebook: str) -> str | None:
-    """``02_finetune_beats`` -> ``beats``: the backbone a fine-tuning notebook trains (None for others)."""
-    head, _, backbone = notebook.partition("_finetune_")
-    return backbone or None
+    """``02_finetune_beats`` -> ``beats``, ``05_train_cnn`` -> ``cnn``: the backbone a training notebook
+    trains (None for others)."""
+    for marker in ("_finetune_", "_train_"):
+        _, found, backbone = notebook.partition(marker)
+        if found:
+            return backbone
+    return None
 
 
-def effective_settings(system: str, overrides: list[str] = ()) -> list[dict]:
-    """What every step of a system runs with: the notebook's parameter defaults with the system file's
+def effective_settings(recipe: str, overrides: list[str] = ()) -> list[dict]:
+    """What every step of a recipe runs with: the notebook's parameter defaults with the recipe's
     (and the overrides') values laid over them; for a fine-tuning step also ``training`` and
     ``extraction`` as the full ``kit.train.TrainConfig`` / ``kit.embed.ExtractConfig`` they become
     (every field, defaults included). A parameter the notebook does not declare, or a training or
     extraction setting that does not exist, is an error naming it."""
     from kit import embed, train
 
-    spec = apply_overrides(load_system(system), list(overrides))
+    spec = apply_overrides(load_recipe(recipe), list(overrides))
     steps = []
     for step in spec["steps"]:
         notebook, declared = step["notebook"], notebook_parameters(step["notebook"])
         unknown = sorted(set(step["params"]) - set(declared))
         if unknown:
             raise ValueError(
-                f"system {spec['name']}, step {notebook}: unknown parameter(s) {unknown}; "
+                f"recipe {spec['name']}, step {notebook}: unknown parameter(s) {unknown}; "
                 f"the notebook's parameters: {', '.join(declared)}"
             )
         params = {**declared, **step["params"]}
@@ -302,8 +306,8 @@ def _execute_notebook(source: Path, target: Path, parameters: dict, kernel: str 
     )
 
 
-def run_system(
-    system: str,
+def run_recipe(
+    recipe: str,
     data_root: str,
     run_dir: str | os.PathLike,
     *,
@@ -312,11 +316,11 @@ def run_system(
     kernel: str | None = None,
     log_output: bool = False,
 ) -> Path:
-    """Execute the system's steps in order; returns the run folder. ``overrides``
+    """Execute the recipe's steps in order; returns the run folder. ``overrides``
     (``NB.PARAM=VALUE`` or ``NB.PARAM.KEY=VALUE``) apply to every step of that notebook; ``only``
     keeps the steps whose notebook number/name is listed."""
-    name = Path(system).stem
-    plan = plan_system(system, data_root, run_dir, overrides=overrides, only=only)
+    name = Path(recipe).stem
+    plan = plan_recipe(recipe, data_root, run_dir, overrides=overrides, only=only)
     run_dir = Path(run_dir).resolve()
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     for step in plan:
@@ -384,11 +388,11 @@ def sweep(
 _EXAMPLES = [
     ("", "the embedded default"),
     ("--only 01", "notebook 01 only"),
-    ("audiocc_1 --only 01,02", "two notebooks of a report system"),
+    ("audiocc_1 --only 01,02", "two notebooks of a report recipe"),
     ("--set 08.fusion_rule=mean", "a parameter of notebook 08"),
     ("--set 02.training.steps=50", "one key of a mapping parameter"),
     ("eat_asp_4 --dry-run", "show the plan, run nothing"),
-    ("--list", "the systems"),
+    ("--list", "the recipes"),
 ]
 
 
@@ -404,15 +408,15 @@ def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParse
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run the numbered notebooks (01 data preparation ... 06 fusion and submission)\n"
-        "with papermill for one system of notebooks/systems/ (default: the embedded default).",
+        "with papermill for one recipe of notebooks/recipes/ (default: the embedded default).",
         epilog=_examples(prog) + "\n" + ENVIRONMENT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "system",
+        "recipe",
         nargs="?",
         default="default",
-        help="system name (see --list) or a YAML path; default: %(default)s",
+        help="recipe name (see --list) or a YAML path; default: %(default)s",
     )
     parser.add_argument(
         "--data-root",
@@ -422,7 +426,7 @@ def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParse
     parser.add_argument(
         "--run-dir",
         default=os.environ.get("RUN_DIR") or None,
-        help="run folder (default: $RUN_DIR or a new runs/<system>-<date>-<time>)",
+        help="run folder (default: $RUN_DIR or a new runs/<recipe>-<date>-<time>)",
     )
     parser.add_argument(
         "--set",
@@ -442,16 +446,16 @@ def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParse
     parser.add_argument(
         "--kernel", default=os.environ.get("KIT_KERNEL") or None, help="Jupyter kernel (default: $KIT_KERNEL)"
     )
-    parser.add_argument("--list", action="store_true", help="list the systems and exit")
+    parser.add_argument("--list", action="store_true", help="list the recipes and exit")
     parser.add_argument(
         "--dry-run", action="store_true", help="print the notebooks and their parameters, run nothing"
     )
     return parser
 
 
-def default_run_dir(system: str) -> Path:
-    """``runs/<system>-<date>-<time>`` in the repository (named after the system, never an option)."""
-    return REPO / "runs" / f"{Path(system).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(recipe: str) -> Path:
+    """``runs/<recipe>-<date>-<time>`` in the repository (named after the recipe, never an option)."""
+    return REPO / "runs" / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _print_plan(plan: list[dict]) -> None:
@@ -465,7 +469,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog or "python -m kit.pipeline").parse_args(argv)
     try:
         if args.list:
-            print(describe_systems())
+            print(describe_recipes())
             return 0
         data_root = args.data_root
         if data_root != EMBEDDED:
@@ -476,15 +480,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     f"data root {args.data_root} ({data_root}) not found (DATA_ROOT / --data-root: a "
                     'dataset root in the official layout, or "embedded")'
                 )
-        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.system)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.recipe)
         only = args.only.split(",") if args.only else None
         if args.dry_run:
-            _print_plan(plan_system(args.system, data_root, run_dir, overrides=args.set, only=only))
+            _print_plan(plan_recipe(args.recipe, data_root, run_dir, overrides=args.set, only=only))
             return 0
         from papermill.exceptions import PapermillExecutionError
 
         try:
-            run_system(args.system, data_root, run_dir, overrides=args.set, only=only, kernel=args.kernel)
+            run_recipe(args.recipe, data_root, run_dir, overrides=args.set, only=only, kernel=args.kernel)
         except PapermillExecutionError as err:
             print(
                 f"error: a notebook failed ({err.ename}: {err.evalue}); its executed copy shows where: "

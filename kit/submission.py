@@ -515,8 +515,8 @@ def system_meta(
     subsystems: int,
     parameters: int | None,
 ) -> dict:
-    """The meta fields of one system laid over :func:`meta_template`: ``description`` (the system
-    file's ``submission``/``system`` fields), the authors, the number of fused subsystems and the total
+    """The meta fields of one system laid over :func:`meta_template`: ``description`` (the recipe's
+    ``submission``/``system`` fields), the authors, the number of fused subsystems and the total
     parameter count of the models it uses. The results are filled by :func:`submit_system`."""
     meta = _merge_meta(meta_template(), description)
     meta["submission"]["authors"] = copy.deepcopy(authors)
@@ -577,7 +577,7 @@ def submit_run(
     level: float = 0.9,
 ) -> dict:
     """Package a run's submission: one system folder per ``label -> system`` of ``submit`` and the zip,
-    validated against the evaluation test clips of ``index``. ``descriptions`` holds the system file's
+    validated against the evaluation test clips of ``index``. ``descriptions`` holds the recipe's
     meta fields (``submission.name``, ``system.description...``), shared, or per label
     (``{label: {...}}``); ``resources[system]`` is ``(subsystems, total parameters)``.
 
@@ -593,7 +593,7 @@ def submit_run(
     if not authors:
         return {
             "skipped": f"no authors: write an authors file (see authors.example.yaml) and set "
-            f"{AUTHORS_VARIABLE}=path/to/authors.yaml, then run notebook 08 again (./run_all.sh SYSTEM --only 08)"
+            f"{AUTHORS_VARIABLE}=path/to/authors.yaml, then run notebook 08 again (./run_all.sh RECIPE --only 08)"
         }
     missing = sorted(set(submit.values()) - set(systems))
     if missing:

@@ -55,10 +55,10 @@ MODES = ("full", "partial", "lora", "frozen")
 @dataclass
 class TrainConfig:
     """Every setting of a fine-tuning run: notebooks 02-04 pass their ``train`` mapping through
-    ``from_dict``, so every field can be set from a system file or ``--set 02.train.FIELD=VALUE``.
+    ``from_dict``, so every field can be set from a recipe or ``--set 02.train.FIELD=VALUE``.
 
     The defaults are the one set of defaults of the toolkit: the embedded CPU run (small random-init
-    backbones, 300 steps of 5-s crops). The report systems in ``notebooks/systems/`` set their own
+    backbones, 300 steps of 5-s crops). The report recipes in ``notebooks/recipes/`` set their own
     values for everything that differs."""
 
     name: str = "beats"
@@ -142,7 +142,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """A validated config from a mapping of field -> value; an unknown field is an error that
-        lists the valid ones (a typo in a system file must not be ignored)."""
+        lists the valid ones (a typo in a recipe must not be ignored)."""
         if not isinstance(values, dict):
             raise ValueError(f"training settings must be a mapping of TrainConfig fields, got {values!r}")
         unknown = sorted(set(values) - set(cls.fields()) - {"amp"})
@@ -211,7 +211,7 @@ def resolve_config(
         raise ValueError(f"{fixed} are parameters of the notebook itself, not of its training mapping")
     if require_checkpoint and not checkpoint:
         raise ValueError(
-            f"{name}: this system needs a pretrained {backbone} checkpoint: set {backbone.upper()}_CHECKPOINT "
+            f"{name}: this recipe needs a pretrained {backbone} checkpoint: set {backbone.upper()}_CHECKPOINT "
             "(a local path, a Hugging Face repo id or a URL) or the notebook's `checkpoint` parameter"
         )
     values = {**training, "name": name, "backbone": backbone, "checkpoint": checkpoint or None}

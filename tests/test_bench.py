@@ -81,8 +81,9 @@ def test_commands_are_registered():
     args = parser.parse_args(["backbones", "--backbones", "eat", "--repeats", "1"])
     assert args.run is bench.run_backbones and args.backbones == ["eat"] and args.extract_seconds == 16.0
     assert parser.parse_args(["loader"]).workers == [0, 2]
+    assert parser.parse_args(["train", "--steps", "3"]).steps == 3
     with pytest.raises(SystemExit):
-        parser.parse_args(["train"])  # the lead adds it
+        parser.parse_args(["nosuchbench"])
 
 
 def test_scoring_and_denoise_benchmarks_print_their_tables(capsys):
@@ -94,3 +95,28 @@ def test_scoring_and_denoise_benchmarks_print_their_tables(capsys):
     assert "ms/clip" in out and all(f" {method} " in out for method in denoise.CANCELLERS)
     assert cli.main(["bench-scoring", "--machines", "x"]) == 2  # argparse names the program
     assert "usage: dcase-kit bench-scoring" in capsys.readouterr().err
+
+
+def test_training_settings_share_a_row_per_cost():
+    from kit.tools import bench_train
+
+    rows = bench_train.training_settings(["audiocc_1", "audiocc_3", "eat_asp_1", "eat_asp_2"])
+    by_recipes = {tuple(r["recipes"]): r["training"] for r in rows}
+    # AudioCC 1's BEATs and AudioCC 3's 10-s BEATs branches train the same way: one row
+    shared = [s for s in by_recipes if "audiocc_1:beats_arcface" in s]
+    assert len(shared) == 1 and any(name.startswith("audiocc_3:") for name in shared[0])
+    assert all(r["training"]["backbone"] in ("beats", "eat") for r in rows)
+    crops = {(r["training"]["backbone"], r["training"]["crop_seconds"]) for r in rows}
+    assert ("beats", 6.0) in crops and ("eat", 16.0) in crops
+
+
+def test_train_command_runs_real_steps(capsys):
+    # the default recipe's from-scratch CNN is small enough to train at its real size on a CPU
+    assert (
+        bench.main(["train", "--recipes", "default", "--steps", "2", "--batch", "2", "--threads", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("cnn"))
+    assert "default:cnn" in row and "fp32" in row and "batch replaced by 2" in out
+    steps_per_s = float(row.split()[row.split().index("off") + 1])
+    assert steps_per_s > 0

@@ -9,7 +9,7 @@ from kit import pipeline
 from kit.tools import benchmark
 
 
-def test_every_seeded_step_of_a_system_gets_the_seed():
+def test_every_seeded_step_of_a_recipe_gets_the_seed():
     assert benchmark.seed_overrides("benchmark", 2) == [
         "02.training.seed=2",
         "03.training.seed=2",
@@ -23,7 +23,7 @@ def test_every_seeded_step_of_a_system_gets_the_seed():
         "07.baseline_seed=1",
         "08.seed=1",
     ]
-    spec = pipeline.apply_overrides(pipeline.load_system("default"), benchmark.seed_overrides("default", 5))
+    spec = pipeline.apply_overrides(pipeline.load_recipe("default"), benchmark.seed_overrides("default", 5))
     for step in spec["steps"]:
         setting = benchmark.SEED_SETTINGS.get(step["notebook"][:2])
         if setting == "training.seed":
@@ -52,15 +52,15 @@ def _fake_results(run_dir, scores: dict[str, float]) -> None:
 def test_seeds_run_once_and_the_table_has_mean_and_spread(tmp_path, monkeypatch):
     calls = []
 
-    def run(system, data_root, run_dir, overrides, kernel=None):
+    def run(recipe, data_root, run_dir, overrides, kernel=None):
         calls.append((run_dir.name, overrides))
         seed = int(run_dir.name.split("-")[1])
         _fake_results(run_dir, {"a": 0.5 + 0.1 * seed, "b": 0.6})
 
-    monkeypatch.setattr(pipeline, "run_system", run)
+    monkeypatch.setattr(pipeline, "run_recipe", run)
     out = tmp_path / "bench"
     assert (
-        benchmark.main(["/data", "--system", "audiocc_1", "--seeds", "0", "1", "2", "--out", str(out)]) == 0
+        benchmark.main(["/data", "--recipe", "audiocc_1", "--seeds", "0", "1", "2", "--out", str(out)]) == 0
     )
     assert [c[0] for c in calls] == ["seed-0", "seed-1", "seed-2"] and "02.training.seed=1" in calls[1][1]
     table = pd.read_csv(out / "benchmark.csv").set_index("system")
@@ -72,7 +72,7 @@ def test_seeds_run_once_and_the_table_has_mean_and_spread(tmp_path, monkeypatch)
     assert "| a | 0.600 ± 0.100 | 0.500 - 0.700 |" in (out / "benchmark.md").read_text()
     calls.clear()
     assert (
-        benchmark.main(["/data", "--system", "audiocc_1", "--seeds", "0", "1", "2", "3", "--out", str(out)])
+        benchmark.main(["/data", "--recipe", "audiocc_1", "--seeds", "0", "1", "2", "3", "--out", str(out)])
         == 0
     )
     assert [c[0] for c in calls] == ["seed-3"]  # finished seeds are kept

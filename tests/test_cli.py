@@ -52,7 +52,7 @@ def executed(monkeypatch, tmp_path):
         calls.append({"notebook": source.stem, "target": target, "params": parameters, "kernel": kernel})
 
     monkeypatch.setattr(pipeline, "_execute_notebook", record)
-    monkeypatch.setattr(pipeline, "REPO", tmp_path)  # the default run folder: tmp_path/runs/<system>-...
+    monkeypatch.setattr(pipeline, "REPO", tmp_path)  # the default run folder: tmp_path/runs/<recipe>-...
     for name in ("DATA_ROOT", "RUN_DIR", "KIT_KERNEL"):
         monkeypatch.delenv(name, raising=False)
     return calls
@@ -72,25 +72,25 @@ def test_run_all_help_documents_the_options_and_environment():
     assert "./run_all.sh --only 01" in result.stdout  # examples
 
 
-def test_run_all_lists_the_systems():
+def test_run_all_lists_the_recipes():
     result = run_all("--list")
     assert result.returncode == 0, result.stderr
-    for name in pipeline.system_names():
+    for name in pipeline.recipe_names():
         assert name in result.stdout
 
 
-def test_run_all_unknown_system_names_the_known_ones():
+def test_run_all_unknown_recipe_names_the_known_ones():
     result = run_all("nope", "--only", "01")
     assert result.returncode == 2
     assert (
-        "unknown system 'nope'" in result.stderr
+        "unknown recipe 'nope'" in result.stderr
         and "audiocc_1" in result.stderr
         and "default" in result.stderr
     )
 
 
-def test_run_all_options_without_a_system_and_before_or_after_it(tmp_path):
-    result = run_all("--only", "01", "--dry-run")  # the default system; the run folder named after it
+def test_run_all_options_without_a_recipe_and_before_or_after_it(tmp_path):
+    result = run_all("--only", "01", "--dry-run")  # the default recipe; the run folder named after it
     assert result.returncode == 0, result.stderr
     assert f"{REPO}/runs/default-" in result.stdout and "01_data_preparation" in result.stdout
     assert "02_finetune_beats" not in result.stdout and "--only" not in result.stdout
@@ -178,7 +178,7 @@ def test_pipeline_main_reads_the_environment(executed, tmp_path, monkeypatch):
 
 def test_pipeline_main_errors_run_nothing(executed, tmp_path, capsys):
     assert pipeline.main(["--only", "09"]) == 2
-    assert "--only 09: not a notebook of system default" in capsys.readouterr().err
+    assert "--only 09: not a notebook of recipe default" in capsys.readouterr().err
     assert pipeline.main(["--set", "05.no_such_parameter=1"]) == 2
     assert "has no parameter 'no_such_parameter'" in capsys.readouterr().err
     assert pipeline.main(["--data-root", str(tmp_path / "missing")]) == 2
@@ -292,7 +292,7 @@ def test_run_and_list_are_the_pipeline(executed, tmp_path, capsys):
     assert [c["notebook"] for c in executed] == ["01_data_preparation"]
     capsys.readouterr()
     assert cli.main(["list", "--names"]) == 0
-    assert capsys.readouterr().out.split() == pipeline.system_names()
+    assert capsys.readouterr().out.split() == pipeline.recipe_names()
 
 
 def test_metrics_validate_and_zip_delegate(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The notebooks end to end under papermill (tiny settings), and the system files."""
+"""The notebooks end to end under papermill (tiny settings), and the recipes."""
 
 from __future__ import annotations
 
@@ -19,29 +19,29 @@ TINY = [
 TINY += ["05.training.backbone_config=unit", "05.training.steps=4", "05.training.batch_size=4"]
 
 
-def test_every_system_file_loads_and_names_real_notebooks(monkeypatch):
+def test_every_recipe_loads_and_names_real_notebooks(monkeypatch):
     monkeypatch.setenv("BEATS_CHECKPOINT", "/ckpt/BEATs_iter3.pt")
-    names = pipeline.system_names()
+    names = pipeline.recipe_names()
     expected = {f"audiocc_{i}" for i in range(1, 5)} | {f"eat_asp_{i}" for i in range(1, 5)} | {"default"}
     assert expected <= set(names)
     for name in names:
-        spec = pipeline.load_system(name)
+        spec = pipeline.load_recipe(name)
         assert spec["steps"][0]["notebook"] == "01_data_preparation"
-    first = pipeline.load_system("audiocc_1")["steps"][1]["params"]
+    first = pipeline.load_recipe("audiocc_1")["steps"][1]["params"]
     assert first["checkpoint"] == "/ckpt/BEATs_iter3.pt" and first["require_checkpoint"] is True
     monkeypatch.delenv("EAT_CHECKPOINT", raising=False)
-    assert pipeline.load_system("eat_asp_2")["steps"][1]["params"]["checkpoint"] is None
+    assert pipeline.load_recipe("eat_asp_2")["steps"][1]["params"]["checkpoint"] is None
 
 
-def test_bad_system_input_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="unknown system 'nope'"):
-        pipeline.load_system("nope")
+def test_bad_recipe_input_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="unknown recipe 'nope'"):
+        pipeline.load_recipe("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps:\n  - notebook: 09_nothing\n")
     with pytest.raises(ValueError, match="09_nothing"):
-        pipeline.load_system(str(bad))
+        pipeline.load_recipe(str(bad))
     with pytest.raises(ValueError, match="NOTEBOOK.PARAM=VALUE"):
-        pipeline.run_system("default", "embedded", tmp_path / "run", overrides=["steps=3"])
+        pipeline.run_recipe("default", "embedded", tmp_path / "run", overrides=["steps=3"])
     assert pipeline.main(["nope", "--run-dir", str(tmp_path / "r")]) == 2
 
 
@@ -52,10 +52,10 @@ def write_notebook(path, parameters: str) -> None:
 
 
 @pytest.fixture()
-def fake_system(tmp_path, monkeypatch):
-    """notebooks/ with three small notebooks and a system ``fake`` that runs 02 twice."""
+def fake_recipe(tmp_path, monkeypatch):
+    """notebooks/ with three small notebooks and a recipe ``fake`` that runs 02 twice."""
     notebooks = tmp_path / "notebooks"
-    (notebooks / "systems").mkdir(parents=True)
+    (notebooks / "recipes").mkdir(parents=True)
     common = 'data_root = "embedded"\nrun_dir = "runs/notebook"\n'
     write_notebook(notebooks / "01_prepare.ipynb", common + "scale = 1.0\n")
     write_notebook(
@@ -64,7 +64,7 @@ def fake_system(tmp_path, monkeypatch):
         'training = {"steps": 300, "lr": 0.001}  # over the library defaults\nextraction = {}\n',
     )
     write_notebook(notebooks / "03_score.ipynb", common + "knn_k = 1\n")
-    (notebooks / "systems" / "fake.yaml").write_text(
+    (notebooks / "recipes" / "fake.yaml").write_text(
         "description: two training runs\n"
         "steps:\n"
         "  - notebook: 01_prepare\n"
@@ -75,7 +75,7 @@ def fake_system(tmp_path, monkeypatch):
         "  - notebook: 03_score\n"
     )
     monkeypatch.setattr(pipeline, "NOTEBOOKS", notebooks)
-    monkeypatch.setattr(pipeline, "SYSTEMS", notebooks / "systems")
+    monkeypatch.setattr(pipeline, "RECIPES", notebooks / "recipes")
     return "fake"
 
 
@@ -83,9 +83,9 @@ def params_of(plan, notebook):
     return [step["params"] for step in plan if step["notebook"].startswith(notebook)]
 
 
-def test_set_replaces_a_parameter_and_parses_yaml(fake_system, tmp_path):
+def test_set_replaces_a_parameter_and_parses_yaml(fake_recipe, tmp_path):
     overrides = ["02.seed=5", "2.channels=[near]", "02_train.checkpoint=null", "03.knn_k=3"]
-    plan = pipeline.plan_system(fake_system, "embedded", tmp_path / "run", overrides=overrides)
+    plan = pipeline.plan_recipe(fake_recipe, "embedded", tmp_path / "run", overrides=overrides)
     for params in params_of(plan, "02"):  # every step of notebook 02
         assert params["seed"] == 5 and params["channels"] == ["near"] and params["checkpoint"] is None
     assert params_of(plan, "03") == [
@@ -100,82 +100,80 @@ def test_set_replaces_a_parameter_and_parses_yaml(fake_system, tmp_path):
     ]
 
 
-def test_set_with_keys_merges_into_a_mapping_parameter(fake_system, tmp_path):
+def test_set_with_keys_merges_into_a_mapping_parameter(fake_recipe, tmp_path):
     overrides = ["02.training.steps=50", "02.extraction.windows.seconds=10", "02.training.lr=1e-4"]
     first, second = params_of(
-        pipeline.plan_system(fake_system, "embedded", tmp_path, overrides=overrides), "02"
+        pipeline.plan_recipe(fake_recipe, "embedded", tmp_path, overrides=overrides), "02"
     )
-    # the system's own mapping keeps its other keys
+    # the recipe's own mapping keeps its other keys
     assert first["training"] == {"lr": 1e-4, "batch_size": 16, "steps": 50}
     # a step without the mapping starts from the notebook's default, so its other keys stay too
     assert second["training"] == {"steps": 50, "lr": 1e-4}
     assert first["extraction"] == second["extraction"] == {"windows": {"seconds": 10}}
-    # a plan does not change the loaded system, nor the next plan
-    assert pipeline.load_system(fake_system)["steps"][1]["params"]["training"] == {
+    # a plan does not change the loaded recipe, nor the next plan
+    assert pipeline.load_recipe(fake_recipe)["steps"][1]["params"]["training"] == {
         "lr": 5e-5,
         "batch_size": 16,
     }
-    again = params_of(pipeline.plan_system(fake_system, "embedded", tmp_path), "02")
+    again = params_of(pipeline.plan_recipe(fake_recipe, "embedded", tmp_path), "02")
     assert [p.get("training") for p in again] == [{"lr": 5e-5, "batch_size": 16}, None]
 
 
-def test_set_replacing_a_mapping_and_then_a_key(fake_system, tmp_path):
+def test_set_replacing_a_mapping_and_then_a_key(fake_recipe, tmp_path):
     overrides = ["02.training={steps: 9}", "02.training.lr=0.5"]
-    plan = pipeline.plan_system(fake_system, "embedded", tmp_path, overrides=overrides)
+    plan = pipeline.plan_recipe(fake_recipe, "embedded", tmp_path, overrides=overrides)
     assert [p["training"] for p in params_of(plan, "02")] == [{"steps": 9, "lr": 0.5}] * 2
 
 
-def test_system_files_expand_variables_in_keys_and_read_exponents_as_numbers(
-    fake_system, tmp_path, monkeypatch
-):
-    system = pipeline.SYSTEMS / "labels.yaml"
-    system.write_text(
+def test_recipes_expand_variables_in_keys_and_read_exponents_as_numbers(fake_recipe, tmp_path, monkeypatch):
+    recipe = pipeline.RECIPES / "labels.yaml"
+    recipe.write_text(
         "steps:\n"
         "  - notebook: 02_train\n"
         '    params: {training: {lr: 1e-4}, extraction: {"${TEAM_LABEL:-Repro_Kit}_task2_1": "${NOPE}"}}\n'
     )
     monkeypatch.delenv("TEAM_LABEL", raising=False)
     monkeypatch.delenv("NOPE", raising=False)
-    params = pipeline.load_system("labels")["steps"][0]["params"]
+    params = pipeline.load_recipe("labels")["steps"][0]["params"]
     assert params["training"] == {"lr": 1e-4}
     assert params["extraction"] == {"Repro_Kit_task2_1": None}
     monkeypatch.setenv("TEAM_LABEL", "Smith_UNI")
-    assert pipeline.load_system("labels")["steps"][0]["params"]["extraction"] == {"Smith_UNI_task2_1": None}
+    assert pipeline.load_recipe("labels")["steps"][0]["params"]["extraction"] == {"Smith_UNI_task2_1": None}
     overrides = ["02.training.lr=2e-5", '02.extraction.note="1e-4"']  # quoted: stays a string
-    (planned,) = params_of(pipeline.plan_system("labels", "embedded", tmp_path, overrides=overrides), "02")
+    (planned,) = params_of(pipeline.plan_recipe("labels", "embedded", tmp_path, overrides=overrides), "02")
     assert planned["training"] == {"lr": 2e-5} and planned["extraction"]["note"] == "1e-4"
 
 
-def test_bad_overrides_and_only_are_named(fake_system, tmp_path):
+def test_bad_overrides_and_only_are_named(fake_recipe, tmp_path):
     def plan(overrides=(), only=None):
-        return pipeline.plan_system(fake_system, "embedded", tmp_path, overrides=list(overrides), only=only)
+        return pipeline.plan_recipe(fake_recipe, "embedded", tmp_path, overrides=list(overrides), only=only)
 
     with pytest.raises(ValueError, match="parameter seed is 0, not a mapping"):
         plan(["02.seed.x=1"])
     with pytest.raises(ValueError, match="02_train has no parameter 'setps'.*seed, channels"):
         plan(["02.setps=3"])
-    with pytest.raises(ValueError, match="notebook '04' is not part of system fake.*01_prepare, 02_train"):
+    with pytest.raises(ValueError, match="notebook '04' is not part of recipe fake.*01_prepare, 02_train"):
         plan(["04.steps=3"])
     for text in ("02.seed", "02=3", ".seed=3", "02..x=1", "02.training.=1"):
         with pytest.raises(ValueError, match="NOTEBOOK.PARAM=VALUE"):
             plan([text])
     with pytest.raises(ValueError, match="not valid YAML"):
         plan(["02.channels=[near"])
-    with pytest.raises(ValueError, match="--only 04: not a notebook of system fake"):
+    with pytest.raises(ValueError, match="--only 04: not a notebook of recipe fake"):
         plan(only=["01", "04"])
     assert [step["label"] for step in plan(only=["03", "1"])] == ["01_prepare", "03_score"]
     assert [step["label"] for step in plan(only=["02_train"])] == ["02_train-a", "02_train-b"]
 
 
-def test_run_system_executes_the_plan_in_order(fake_system, tmp_path, monkeypatch):
+def test_run_recipe_executes_the_plan_in_order(fake_recipe, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(
         pipeline,
         "_execute_notebook",
         lambda src, dst, params, kernel, log: calls.append((src.name, dst, params, kernel)),
     )
-    run_dir = pipeline.run_system(
-        fake_system, "/data", tmp_path / "run", overrides=["03.knn_k=2"], only=["02", "03"], kernel="k"
+    run_dir = pipeline.run_recipe(
+        fake_recipe, "/data", tmp_path / "run", overrides=["03.knn_k=2"], only=["02", "03"], kernel="k"
     )
     assert run_dir == (tmp_path / "run").resolve() and (run_dir / "notebooks").is_dir()
     assert [(c[0], c[1].name, c[3]) for c in calls] == [
@@ -202,8 +200,8 @@ def test_default_pipeline_end_to_end(tmp_path):
         f"08.submission_dir={tmp_path / 'subs'}",
         f"08.authors={authors}",  # the zip is written once the authors are known
     ]
-    pipeline.run_system("default", "embedded", run_dir, overrides=overrides)
-    for step in pipeline.load_system("default")["steps"]:
+    pipeline.run_recipe("default", "embedded", run_dir, overrides=overrides)
+    for step in pipeline.load_recipe("default")["steps"]:
         assert any(p.name.startswith(step["notebook"]) for p in (run_dir / "notebooks").iterdir()), step
     results = pd.read_csv(run_dir / "results.csv")
     overall = results[results["machine"] == "overall"].set_index("system")["hmean"]

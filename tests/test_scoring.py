@@ -572,3 +572,24 @@ def test_score_branches_skips_what_a_branch_has_not_embedded_and_takes_per_backe
     assert (systems["b-knn-auto"]["channel"] == "auto:near").all()
     with pytest.raises(ValueError, match="per-backend values must be keyed by"):
         scoring.score_branches({"a": (meta, emb)}, ("knn",), ("near",), smote={"lof": 1}, progress=False)
+
+
+def test_domain_options_tool_scores_every_option_and_summarises_over_runs():
+    from kit.tools import domain_options
+
+    meta, emb = _condition_world()
+    # half of the test clips in the target domain, so both AUCs are defined
+    target = (meta["split"] == "test") & (meta["file_name"].str[-6:-4].astype(int) % 2 == 1)
+    meta.loc[target, "domain"] = "target"
+    meta.loc[target, "file_name"] = meta.loc[target, "file_name"].str.replace("_source_", "_target_")
+    tables = [
+        domain_options.score_options(meta, emb, "a", "w1"),
+        domain_options.score_options(meta, emb, "a"),
+    ]
+    assert list(tables[0]["option"]) == list(domain_options.OPTIONS)
+    # the w1 channel keeps the anomaly direction that noise hides on near
+    assert tables[0]["hmean"].min() > tables[1]["hmean"].max()
+    summary = domain_options.summarise(tables)
+    assert (summary["runs"] == 2).all() and (summary["hmean_sd"] > 0).all()
+    text = domain_options.to_markdown(summary)
+    assert text.count("\n") == len(domain_options.OPTIONS) + 1 and "±" in text

@@ -5,8 +5,11 @@
                                         [--precision auto]
     python -m kit.tools.bench loader    [--clips 32] [--clip-seconds 16] [--crop-seconds 5] [--batch 16]
                                         [--batches 20] [--workers 0 2] [--repeats 3]
+    python -m kit.tools.bench train     [--recipes audiocc_1 ...] [--steps 5] [--batch B] [--workers N]
+                                        [--device cpu|cuda] [--precision auto]
 
-The same through the ``dcase-kit`` command: ``dcase-kit bench backbones``, ``dcase-kit bench loader``.
+The same through the ``dcase-kit`` command: ``dcase-kit bench backbones``, ``dcase-kit bench loader``,
+``dcase-kit bench train``.
 
 ``backbones``: for each backbone at its release size with random weights (BEATs iter3, EAT-base,
 FISHER-small): clips/s for a batch of 10-s clips (median of ``--repeats`` timed batches after one
@@ -27,6 +30,9 @@ either the old way (decode the whole file, keep one channel, crop) or the lean w
 ``--workers``. Both readers get the same batches and must return equal waves (checked). The files
 were just written, so they sit in the page cache: the table compares decoding and copying, not disk
 reads (from a network drive, like Colab's mounted Drive, reading a third of the bytes gains more).
+
+``train``: each recipe's fine-tuning setting at release size, a few real steps of ``kit.train``
+(``kit/tools/bench_train.py`` says how it is measured).
 
 Adding a command: write ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int`` (which prints
 one table) and list them in ``COMMANDS``; ``--threads`` and ``--repeats`` are common to all.
@@ -54,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kit import data
 from kit import precision as precision_policy
+from kit.tools import bench_train
 
 RELEASE = {"beats": "release", "eat": "base", "fisher": "small"}
 
@@ -476,15 +483,21 @@ COMMANDS = {
     # name: (help, add arguments, run); names starting with "_" are the isolated steps of others
     "backbones": ("backbone speed, memory and extraction throughput", add_backbones_arguments, run_backbones),
     "loader": ("training loader: whole-file decode vs crop-only reads", add_loader_arguments, run_loader),
+    "train": (
+        "each recipe's training setting: steps/s, clips/s, peak memory",
+        bench_train.add_train_arguments,
+        bench_train.run_train,
+    ),
     "_speed": (argparse.SUPPRESS, add_isolated_arguments, run_speed),
     "_memory": (argparse.SUPPRESS, add_isolated_arguments, run_memory),
     "_extract": (argparse.SUPPRESS, add_isolated_arguments, run_extract),
+    "_train": (argparse.SUPPRESS, bench_train.add_isolated_train_arguments, bench_train.run_train_one),
 }
 
 
 def build_parser(prog: str = "python -m kit.tools.bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="toolkit benchmarks")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{backbones,loader}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{backbones,loader,train}")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--threads", type=int, default=torch.get_num_threads())

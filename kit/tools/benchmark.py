@@ -1,11 +1,11 @@
-"""The quality benchmark: one system file run over several seeds on a dataset, and one table.
+"""The quality benchmark: one recipe run over several seeds on a dataset, and one table.
 
-    python -m kit.tools.benchmark DATA_ROOT --name toycar            # seeds 0 1 2, the benchmark system
-    python -m kit.tools.benchmark embedded --name embedded --seeds 0 1 2 --system benchmark
+    python -m kit.tools.benchmark DATA_ROOT --name toycar            # seeds 0 1 2, the benchmark recipe
+    python -m kit.tools.benchmark embedded --name embedded --seeds 0 1 2 --recipe benchmark
     python -m kit.tools.benchmark --tables runs/benchmark/toycar     # the tables of finished runs again
 
-Each seed is one ordinary run of the system (``kit.pipeline.run_system``) in
-``<out>/seed-<S>/`` with every seed setting of the system set to S (the fine-tuning notebooks'
+Each seed is one ordinary run of the recipe (``kit.pipeline.run_recipe``) in
+``<out>/seed-<S>/`` with every seed setting of the recipe set to S (the fine-tuning notebooks'
 ``training.seed``, the autoencoder's ``baseline_seed``, the fusion search's ``seed``); a seed whose
 ``results.csv`` exists is not run again, so an interrupted benchmark resumes. The table gives every
 system's official score (and AUC source / target, pAUC) as the mean and the sample standard deviation
@@ -41,14 +41,14 @@ SEED_SETTINGS = {  # notebook prefix -> the parameter (path) that takes the seed
 METRICS = ("hmean", "auc_source", "auc_target", "pauc")
 
 
-def seed_overrides(system: str, seed: int) -> list[str]:
-    """``--set`` overrides that give every seeded step of ``system`` the seed ``seed``."""
-    notebooks = {step["notebook"][:2] for step in pipeline.load_system(system)["steps"]}
+def seed_overrides(recipe: str, seed: int) -> list[str]:
+    """``--set`` overrides that give every seeded step of ``recipe`` the seed ``seed``."""
+    notebooks = {step["notebook"][:2] for step in pipeline.load_recipe(recipe)["steps"]}
     return [f"{nb}.{setting}={seed}" for nb, setting in SEED_SETTINGS.items() if nb in notebooks]
 
 
 def run_seeds(
-    system: str,
+    recipe: str,
     data_root: str,
     out: Path,
     seeds: list[int],
@@ -61,11 +61,11 @@ def run_seeds(
         run_dir = out / f"seed-{seed}"
         if not (run_dir / "results.csv").exists():
             start = time.time()
-            pipeline.run_system(
-                system,
+            pipeline.run_recipe(
+                recipe,
                 data_root,
                 run_dir,
-                overrides=[*seed_overrides(system, seed), *overrides],
+                overrides=[*seed_overrides(recipe, seed), *overrides],
                 kernel=kernel,
             )
             print(f"[benchmark] seed {seed}: {time.time() - start:.0f} s", flush=True)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.benchma
     parser.add_argument(
         "--name", help="benchmark folder name under runs/benchmark (default: the data root's name)"
     )
-    parser.add_argument("--system", default="benchmark", help="system file (default: benchmark)")
+    parser.add_argument("--recipe", default="benchmark", help="recipe name or YAML path (default: benchmark)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, help="benchmark folder (default: runs/benchmark/<name>)")
     parser.add_argument(
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.benchma
                 parser.error("give a DATA_ROOT (or --tables FOLDER)")
             name = args.name or Path(args.data_root).name
             out = args.out or REPO / "runs" / "benchmark" / name
-            runs = run_seeds(args.system, args.data_root, out.absolute(), args.seeds, args.set, args.kernel)
+            runs = run_seeds(args.recipe, args.data_root, out.absolute(), args.seeds, args.set, args.kernel)
         summary = write_tables(out, runs)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""The eight report systems as their files state them: the effective settings of every step, and each
-system end to end (./run_all.sh SYSTEM) with official-format checkpoints, on a small generated dataset."""
+"""The eight report recipes as their files state them: the effective settings of every step, and each
+recipe end to end (./run_all.sh RECIPE) with official-format checkpoints, on a small generated dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import yaml
 
 from kit import manifest, metrics, pipeline, submission, synth, train
 
-REPORT_SYSTEMS = [f"audiocc_{i}" for i in range(1, 5)] + [f"eat_asp_{i}" for i in range(1, 5)]
+REPORT_RECIPES = [f"audiocc_{i}" for i in range(1, 5)] + [f"eat_asp_{i}" for i in range(1, 5)]
+VARIANT_RECIPES = {"audiocc_1_w1": "audiocc_1", "eat_asp_4_w1": "eat_asp_4"}  # toolkit additions: w1 for near
 CHECKPOINTS = {"beats": "beats_release.pt", "eat": "eat_fairseq.pt", "fisher": "fisher.pt"}
 AUTHOR = {
     "lastname": "Tester",
@@ -28,21 +29,21 @@ def checkpoints(backbone_fixtures, monkeypatch):
         monkeypatch.setenv(f"{backbone.upper()}_CHECKPOINT", str(backbone_fixtures / file))
 
 
-def _file_steps(system: str) -> list[dict]:
-    return pipeline.load_system(system)["steps"]
+def _file_steps(recipe: str) -> list[dict]:
+    return pipeline.load_recipe(recipe)["steps"]
 
 
 def _compact(settings: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
-@pytest.mark.parametrize("system", REPORT_SYSTEMS)
-def test_effective_settings_are_the_files_and_the_reports(system, checkpoints, capsys):
-    """Every value a system file sets is the value its step runs with (the notebook defaults fill the
+@pytest.mark.parametrize("recipe", REPORT_RECIPES)
+def test_effective_settings_are_the_files_and_the_reports(recipe, checkpoints, capsys):
+    """Every value a recipe sets is the value its step runs with (the notebook defaults fill the
     rest, printed here), and the report's own settings hold (see the comments in each file)."""
-    effective = pipeline.effective_settings(system)
-    file_steps = _file_steps(system)
-    lines = [f"== {system}"]
+    effective = pipeline.effective_settings(recipe)
+    file_steps = _file_steps(recipe)
+    lines = [f"== {recipe}"]
     for step, stated in zip(effective, file_steps):
         params, given = step["params"], stated["params"]
         for key, value in given.items():
@@ -50,12 +51,12 @@ def test_effective_settings_are_the_files_and_the_reports(system, checkpoints, c
                 for field, wanted in value.items():
                     have = params[key][field]
                     assert have == (list(wanted) if isinstance(wanted, tuple) else wanted), (
-                        system,
+                        recipe,
                         key,
                         field,
                     )
             else:
-                assert params[key] == value, (system, key)
+                assert params[key] == value, (recipe, key)
         if step["notebook"].startswith(("02", "03", "04")):
             lines.append(f"{step['notebook']} {params['name']}: training {_compact(params['training'])}")
             lines.append(f"{step['notebook']} {params['name']}: extraction {_compact(params['extraction'])}")
@@ -73,7 +74,7 @@ def test_effective_settings_are_the_files_and_the_reports(system, checkpoints, c
     )  # explicit, not inherited
     assert scoring["separate_domains"] is False  # both reports: one reference set per machine and section
     fine_tuning = [s["params"] for s in effective if s["notebook"].startswith(("02", "03", "04"))]
-    if system.startswith("eat_asp"):
+    if recipe.startswith("eat_asp"):
         (eat,) = fine_tuning
         t, x = eat["training"], eat["extraction"]
         assert (t["lr"], t["head_lr_scale"], t["batch_size"], t["steps"]) == (5e-5, 1.0, 16, 20000)
@@ -91,19 +92,64 @@ def test_effective_settings_are_the_files_and_the_reports(system, checkpoints, c
             False,
             None,
         )
-        assert t["mode"] == ("full" if system in ("eat_asp_1", "eat_asp_3") else "lora")
-        assert scoring["channel_policies"] == (["mean"] if system in ("eat_asp_1", "eat_asp_2") else ["near"])
+        assert t["mode"] == ("full" if recipe in ("eat_asp_1", "eat_asp_3") else "lora")
+        assert scoring["channel_policies"] == (["mean"] if recipe in ("eat_asp_1", "eat_asp_2") else ["near"])
         assert scoring["knn_k"] == 1 and scoring["backends"] == ["knn"]
     else:
         for branch in fine_tuning:  # assumption stated in the files: windows of the training crop length
             assert branch["extraction"]["window_seconds"] == branch["training"]["crop_seconds"]
             assert branch["training"]["loss"] in ("arcface", "subcenter", "adacos")
-        assert len(fine_tuning) == {"audiocc_1": 1, "audiocc_2": 1, "audiocc_3": 3, "audiocc_4": 7}[system]
+        assert len(fine_tuning) == {"audiocc_1": 1, "audiocc_2": 1, "audiocc_3": 3, "audiocc_4": 7}[recipe]
         assert scoring["channel_policies"] == ["near"]
 
 
-def test_a_typo_in_a_system_file_is_named(tmp_path, checkpoints):
-    spec = yaml.safe_load((pipeline.SYSTEMS / "audiocc_1.yaml").read_text())
+@pytest.mark.parametrize("variant", VARIANT_RECIPES)
+def test_a_canceller_variant_is_its_report_recipe_with_w1_for_near(variant, checkpoints):
+    """Every setting of a variant is its report recipe's, except the channel: w1 where near was."""
+    base = pipeline.effective_settings(VARIANT_RECIPES[variant])
+    mine = pipeline.effective_settings(variant)
+    assert [s["notebook"] for s in mine] == [s["notebook"] for s in base]
+    (trained,) = [s["params"]["name"] for s in base if "training" in s["params"] and s["params"]["training"]]
+    rename = {trained: f"{trained}_w1", f"{trained}-knn-near": f"{trained}_w1-knn-w1"}
+
+    def swapped(value):
+        if isinstance(value, str):
+            return rename.get(value, value)
+        if isinstance(value, list):
+            return [swapped(v) for v in value]
+        if isinstance(value, dict):
+            return {swapped(k): swapped(v) for k, v in value.items()}
+        return value
+
+    changed = {
+        ("training", "channels"): ["w1", "far"],
+        ("extraction", "channels"): ["w1"],
+        ("channel_policies",): ["w1"],
+        ("baseline_channels",): ["near", "w1"],
+        ("submission_name",): variant,
+    }
+    for theirs, ours in zip(base, mine):
+        expected = swapped(copy.deepcopy(theirs["params"]))
+        got = copy.deepcopy(ours["params"])
+        for path, value in changed.items():
+            holder_expected, holder_got = expected, got
+            for key in path[:-1]:
+                holder_expected, holder_got = holder_expected.get(key) or {}, holder_got.get(key) or {}
+            if path[-1] in holder_got and holder_got[path[-1]] != holder_expected.get(path[-1]):
+                assert holder_got[path[-1]] == value, (variant, path)
+                holder_got[path[-1]] = holder_expected[path[-1]]
+        got.pop("submission_meta", None), expected.pop("submission_meta", None)
+        assert got == expected, (variant, ours["notebook"])
+    assert (
+        "w1"
+        in pipeline.load_recipe(variant)["steps"][-1]["params"]["submission_meta"]["system"]["description"][
+            "front_end"
+        ]
+    )
+
+
+def test_a_typo_in_a_recipe_is_named(tmp_path, checkpoints):
+    spec = yaml.safe_load((pipeline.RECIPES / "audiocc_1.yaml").read_text())
     broken = copy.deepcopy(spec)
     broken["steps"][1]["params"]["training"]["learning_rate"] = 1e-4
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(broken))
@@ -138,9 +184,9 @@ def authors(tmp_path, monkeypatch):
     monkeypatch.setenv("TEAM_LABEL", "Tester_TUB")
 
 
-def _few(system: str, out) -> list[str]:
-    """Steps, clips and epochs overridden to a few; every other setting as the system file states."""
-    notebooks = {step["notebook"][:2] for step in _file_steps(system)}
+def _few(recipe: str, out) -> list[str]:
+    """Steps, clips and epochs overridden to a few; every other setting as the recipe states."""
+    notebooks = {step["notebook"][:2] for step in _file_steps(recipe)}
     overrides = ["07.baseline_epochs=1", f"08.submission_dir={out}"]
     overrides += [
         f"{nb}.training.{k}={v}"
@@ -148,7 +194,7 @@ def _few(system: str, out) -> list[str]:
         if nb in notebooks
         for k, v in (("steps", 2), ("batch_size", 2), ("warmup_steps", 1), ("checkpoint_every", 1))
     ]
-    if "bayes" in str(pipeline.load_system(system)):
+    if "bayes" in str(pipeline.load_recipe(recipe)):
         overrides += ["08.bayes_iter=1", "08.bayes_init=1"]
     return overrides
 
@@ -166,19 +212,19 @@ def _dev_files_reproduce_results(run_dir):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("system", REPORT_SYSTEMS)
-def test_each_report_system_runs_end_to_end(system, small_root, checkpoints, authors, tmp_path):
-    run_dir = pipeline.run_system(
-        system, str(small_root), tmp_path / "run", overrides=_few(system, tmp_path / "subs")
+@pytest.mark.parametrize("recipe", REPORT_RECIPES + list(VARIANT_RECIPES))
+def test_each_report_recipe_runs_end_to_end(recipe, small_root, checkpoints, authors, tmp_path):
+    run_dir = pipeline.run_recipe(
+        recipe, str(small_root), tmp_path / "run", overrides=_few(recipe, tmp_path / "subs")
     )
     results = pd.read_csv(run_dir / "results.csv")
-    submitted = pipeline.load_system(system)["steps"][-1]["params"]["submit"]
+    submitted = pipeline.load_recipe(recipe)["steps"][-1]["params"]["submit"]
     (label,) = submitted
     assert label.startswith("Tester_TUB_task2_")
     assert set(submitted.values()) <= set(results["system"]) and {"baseline-MSE", "baseline-MAHALA"} <= set(
         results["system"]
     )
-    zip_path = tmp_path / "subs" / f"{system}.zip"
+    zip_path = tmp_path / "subs" / f"{recipe}.zip"
     expected = submission.expected_test_files(small_root / "eval_data" / "raw")
     assert submission.validate(zip_path, expected_files=expected) == []
     meta = yaml.safe_load((run_dir / "submission" / label / f"{label}.meta.yaml").read_text())
@@ -212,7 +258,7 @@ def test_a_development_only_root_gives_results_and_says_why_there_is_no_submissi
 ):
     root = tmp_path / "dev_only"
     shutil.copytree(small_root / "dev_data", root / "dev_data")
-    run_dir = pipeline.run_system(
+    run_dir = pipeline.run_recipe(
         "audiocc_1", str(root), tmp_path / "run", overrides=_few("audiocc_1", tmp_path / "subs")
     )
     assert "beats_arcface-knn-near" in set(pd.read_csv(run_dir / "results.csv")["system"])
