@@ -57,7 +57,14 @@ import torchaudio
 from torch import nn
 
 from kit.backbones import Backbone, CheckpointError, loading
-from kit.backbones.logmel import POWER_FLOOR, SAMPLE_RATE, check_waves, frame_counts, power_frames
+from kit.backbones.logmel import (
+    POWER_FLOOR,
+    SAMPLE_RATE,
+    check_waves,
+    frame_counts,
+    masked_log_mel,
+    power_frames,
+)
 
 
 @dataclass(frozen=True)
@@ -249,11 +256,9 @@ class Cnn(Backbone):
     def frontend(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel ``[B, T, n_mels]`` (dB) and each clip's frame count ``[B]``; frames past it are 0."""
         waves, lengths = check_waves(waves, lengths, self.min_samples, "cnn")
-        power = power_frames(waves, self.window, self.config.n_fft, self.config.hop_length)
-        logmel = 10.0 * torch.log10(power @ self.mel_filters.float() + POWER_FLOOR)
-        frames = frame_counts(lengths, self.config.n_fft, self.config.hop_length)
-        past_end = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
-        return logmel.masked_fill(past_end[:, :, None], 0.0), frames
+        return masked_log_mel(
+            waves, lengths, self.window, self.mel_filters, self.config.n_fft, self.config.hop_length
+        )
 
     def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``augment(features, frames)`` is applied to the normalised log-mel in training mode."""

@@ -110,6 +110,23 @@ def power_frames(waves: torch.Tensor, window: torch.Tensor, n_fft: int, hop_leng
         return torch.view_as_real(spec).pow(2).sum(-1).transpose(1, 2)
 
 
+def masked_log_mel(
+    waves: torch.Tensor,
+    lengths: torch.Tensor,
+    window: torch.Tensor,
+    mel_filters: torch.Tensor,
+    n_fft: int,
+    hop_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel ``[B, T, n_mels]`` (dB) of checked waves and each clip's frame count ``[B]``; frames past
+    a clip's end are 0 (the front-end of the logmel and cnn backbones)."""
+    power = power_frames(waves, window, n_fft, hop_length)
+    logmel = 10.0 * torch.log10(power @ mel_filters.float() + POWER_FLOOR)
+    frames = frame_counts(lengths, n_fft, hop_length)
+    past_end = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
+    return logmel.masked_fill(past_end[:, :, None], 0.0), frames
+
+
 class LogMel(Backbone):
     """Log-mel frames as tokens (no trainable weights); see the module docstring."""
 
@@ -134,11 +151,9 @@ class LogMel(Backbone):
     def frontend(self, waves: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel ``[B, T, n_mels]`` (dB) and each clip's frame count; frames past it are 0."""
         waves, lengths = check_waves(waves, lengths, self.config.n_fft, "LogMel")
-        power = power_frames(waves, self.window, self.config.n_fft, self.config.hop_length)
-        logmel = 10.0 * torch.log10(power @ self.mel_filters.float() + POWER_FLOOR)
-        frames = frame_counts(lengths, self.config.n_fft, self.config.hop_length)
-        past_end = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
-        return logmel.masked_fill(past_end[:, :, None], 0.0), frames
+        return masked_log_mel(
+            waves, lengths, self.window, self.mel_filters, self.config.n_fft, self.config.hop_length
+        )
 
     def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``augment(logmel, frames)`` is applied to the log-mel in training mode (before the deltas)."""
