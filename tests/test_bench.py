@@ -120,3 +120,8 @@ def test_train_command_runs_real_steps(capsys):
     assert "default:cnn" in row and "fp32" in row and "batch replaced by 2" in out
     steps_per_s = float(row.split()[row.split().index("off") + 1])
     assert steps_per_s > 0
+
+
+def test_train_command_names_an_unknown_recipe(capsys):
+    assert bench.main(["train", "--recipes", "no_such_recipe", "--steps", "1"]) == 2
+    assert "unknown recipe 'no_such_recipe'" in capsys.readouterr().err

@@ -593,3 +593,11 @@ def test_domain_options_tool_scores_every_option_and_summarises_over_runs():
     assert (summary["runs"] == 2).all() and (summary["hmean_sd"] > 0).all()
     text = domain_options.to_markdown(summary)
     assert text.count("\n") == len(domain_options.OPTIONS) + 1 and "±" in text
+
+
+def test_domain_options_tool_names_a_run_without_the_branch(tmp_path, capsys):
+    from kit.tools import domain_options
+
+    assert domain_options.main([str(tmp_path), "--branches", "cnn"]) == 2
+    err = capsys.readouterr().err
+    assert "branch 'cnn' is not recorded" in err and str(tmp_path) in err and not err.startswith('error: "')

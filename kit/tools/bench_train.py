@@ -273,6 +273,11 @@ def add_isolated_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
+    try:
+        training_settings(args.recipes)  # a recipe that does not exist is named before any work
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print_train_table(train_table(args), args)
     return 0
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.domain_
             for branch in args.branches
         ]
     except (FileNotFoundError, KeyError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
         return 2
     print(to_markdown(summarise(tables)))
     return 0
