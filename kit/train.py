@@ -235,10 +235,15 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, augment=None) -> torch.Tensor:
+    def forward(
+        self, waves: torch.Tensor, lengths: torch.Tensor, augment=None, reference=None, reference_lengths=None
+    ) -> torch.Tensor:
         """``augment``: an optional ``(features, n_frames) -> features`` the backbone applies to its
-        front-end features in training mode (SpecAugment)."""
-        tokens, padding_mask = self.backbone(waves, lengths, augment=augment)
+        front-end features in training mode (SpecAugment); ``reference``/``reference_lengths``: the noise
+        reference of a backbone that takes one (``backbone.takes_reference``)."""
+        tokens, padding_mask = self.backbone(
+            waves, lengths, augment=augment, reference=reference, reference_lengths=reference_lengths
+        )
         return self.head(tokens, padding_mask)
 
 

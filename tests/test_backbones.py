@@ -97,3 +97,14 @@ def test_lora_adapters_save_load_and_merge(name, tmp_path):
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(waves, lengths)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["beats", "eat", "fisher", "cnn", "logmel"])
+def test_a_backbone_without_a_reference_input_refuses_one(name):
+    model = backbones.load(name).eval()
+    assert model.takes_reference is False
+    waves = torch.randn(1, 16000) * 0.1
+    with pytest.raises(ValueError, match=f"{name} takes no reference input"):
+        model(waves, torch.tensor([16000]), reference=waves)
+    tokens, mask = model(waves, torch.tensor([16000]), reference=None)
+    assert tokens.shape[:2] == mask.shape

@@ -9,10 +9,13 @@ sin-cos positions) and ``loading.py`` the one checkpoint loader (read the file, 
 strictly naming missing/unexpected keys and wrong shapes). Every backbone answers the same small
 interface (:class:`Backbone`):
 
-- ``model(waves [B, T] float at 16 kHz, lengths [B] samples, augment=None) -> (tokens [B, N, D],
-  padding_mask [B, N])`` where ``padding_mask`` is True on tokens that come only from padding, and
-  ``augment`` an optional callable ``(features, n_frames) -> features`` (SpecAugment) applied between
-  the front-end and the encoder, in training mode only;
+- ``model(waves [B, T] float at 16 kHz, lengths [B] samples, augment=None, reference=None,
+  reference_lengths=None) -> (tokens [B, N, D], padding_mask [B, N])`` where ``padding_mask`` is True
+  on tokens that come only from padding, ``augment`` an optional callable ``(features, n_frames) ->
+  features`` (SpecAugment) applied between the front-end and the encoder, in training mode only, and
+  ``reference`` [B, T'] (with ``reference_lengths`` [B]) a second input, a noise reference such as the
+  far channel, for the backbones whose ``takes_reference`` is True (they require it; the others
+  refuse it with a clear error rather than ignore it);
 - ``model.frontend(waves, lengths) -> (features, feature_lengths)``: the backbone's own input features;
 - ``model.embed_dim``: D; ``model.blocks``: the transformer blocks (``nn.ModuleList``), for partial
   fine-tuning; ``model.lora_target_modules``: a regular expression for peft that matches the
@@ -63,6 +66,8 @@ class Backbone(nn.Module):
     # (logmel): random initialisation is their normal start, so load() does not warn about it.
     trains_from_scratch: bool = False
     sample_rate: int = 16000
+    # True for backbones that take a noise reference (the far channel) as a second input and require it.
+    takes_reference: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,10 +82,26 @@ class Backbone(nn.Module):
             return augment(features, n_frames)
         return features
 
+    def _no_reference(self, reference: torch.Tensor | None) -> None:
+        """Refuse a noise reference: only the backbones whose ``takes_reference`` is True use one, and
+        silently ignoring it would hide a wrong setting."""
+        if reference is not None:
+            raise ValueError(
+                f"{self.name} takes no reference input (a noise reference such as the far channel is a "
+                "second input only for backbones with takes_reference, e.g. nabeats); pass reference=None"
+            )
+
     def frontend(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None, augment=None):
+    def forward(
+        self,
+        waves: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        augment=None,
+        reference: torch.Tensor | None = None,
+        reference_lengths: torch.Tensor | None = None,
+    ):
         raise NotImplementedError
 
 

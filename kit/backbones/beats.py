@@ -456,9 +456,17 @@ class BEATs(Backbone):
         x = self.encoder(self.dropout_input(x), padding_mask, self.gradient_checkpointing)
         return x.masked_fill(padding_mask[..., None], 0.0), padding_mask
 
-    def forward(self, waves: Tensor, lengths: Tensor | None = None, augment=None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        waves: Tensor,
+        lengths: Tensor | None = None,
+        augment=None,
+        reference=None,
+        reference_lengths=None,
+    ) -> tuple[Tensor, Tensor]:
         """``waves`` [B, T] at 16 kHz, ``lengths`` [B] samples -> ``(tokens [B, N, D], padding_mask [B, N])``
         (True = padding); ``augment(fbank, n_frames)`` is applied to the fbank in training mode."""
+        self._no_reference(reference)
         fbank, n_frames = self.frontend(waves, lengths)
         return self.forward_features(self._augmented(fbank, n_frames, augment), n_frames)
 

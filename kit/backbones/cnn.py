@@ -260,8 +260,11 @@ class Cnn(Backbone):
             waves, lengths, self.window, self.mel_filters, self.config.n_fft, self.config.hop_length
         )
 
-    def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, waves: torch.Tensor, lengths=None, augment=None, reference=None, reference_lengths=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``augment(features, frames)`` is applied to the normalised log-mel in training mode."""
+        self._no_reference(reference)
         waves, lengths = check_waves(waves, lengths, self.min_samples, "cnn")
         logmel, frames = self.frontend(waves, lengths)
         valid = torch.arange(logmel.shape[1], device=logmel.device) < frames[:, None]

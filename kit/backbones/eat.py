@@ -166,10 +166,16 @@ class EAT(Backbone):
         return features[:, None], n_frames.clamp(max=self.target_length)
 
     def forward(
-        self, waves: torch.Tensor, lengths: torch.Tensor | None = None, augment=None
+        self,
+        waves: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        augment=None,
+        reference=None,
+        reference_lengths=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``waves [B, T]`` -> (tokens ``[B, 1 + N, D]`` CLS first, padding mask ``[B, 1 + N]``);
         ``augment(features, n_frames)`` is applied to the fbank in training mode."""
+        self._no_reference(reference)
         features, n_frames = self.frontend(waves, lengths)
         features = self._augmented(features, n_frames, augment)
         return self.encode(features), self.padding_mask(n_frames)

@@ -283,8 +283,11 @@ class Fisher(Backbone):
             x = self.norm(x)
         return x[:, 0].reshape(batch, self.n_bands, self.embed_dim)
 
-    def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, waves: torch.Tensor, lengths=None, augment=None, reference=None, reference_lengths=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``augment(spec, frames)`` is applied to the path-fitted spectrum in training mode."""
+        self._no_reference(reference)
         spec, frames = self._fit_frames(*self.frontend(waves, lengths))
         spec = self._augmented(spec, frames, augment)
         tokens = self.encode(spec, frames)

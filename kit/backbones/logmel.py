@@ -155,8 +155,11 @@ class LogMel(Backbone):
             waves, lengths, self.window, self.mel_filters, self.config.n_fft, self.config.hop_length
         )
 
-    def forward(self, waves: torch.Tensor, lengths=None, augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, waves: torch.Tensor, lengths=None, augment=None, reference=None, reference_lengths=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``augment(logmel, frames)`` is applied to the log-mel in training mode (before the deltas)."""
+        self._no_reference(reference)
         check_waves(waves, lengths, self.min_samples, "LogMel")
         logmel, frames = self.frontend(waves, lengths)
         logmel = self._augmented(logmel, frames, augment)
