@@ -16,6 +16,9 @@ interface (:class:`Backbone`):
   ``reference`` [B, T'] (with ``reference_lengths`` [B]) a second input, a noise reference such as the
   far channel, for the backbones whose ``takes_reference`` is True (they require it; the others
   refuse it with a clear error rather than ignore it);
+- ``model.grid_tokens(waves, lengths, reference=None, reference_lengths=None) -> (tokens [B, T, F, D],
+  padding_mask [B, T])``: for backbones whose tokens come from a time x frequency grid (``has_grid``),
+  the same tokens kept per frequency band F (for per-band pooling and scoring); the others raise;
 - ``model.frontend(waves, lengths) -> (features, feature_lengths)``: the backbone's own input features;
 - ``model.embed_dim``: D; ``model.blocks``: the transformer blocks (``nn.ModuleList``), for partial
   fine-tuning; ``model.lora_target_modules``: a regular expression for peft that matches the
@@ -68,6 +71,8 @@ class Backbone(nn.Module):
     sample_rate: int = 16000
     # True for backbones that take a noise reference (the far channel) as a second input and require it.
     takes_reference: bool = False
+    # True for backbones whose tokens come from a time x frequency grid: grid_tokens gives [B, T, F, D].
+    has_grid: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,6 +98,19 @@ class Backbone(nn.Module):
 
     def frontend(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
         raise NotImplementedError
+
+    def grid_tokens(
+        self,
+        waves: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+        reference_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [B, T, F, D], padding_mask [B, T])``: the tokens on their time x frequency grid."""
+        raise ValueError(
+            f"{self.name} has no time x frequency grid of tokens (has_grid is False): per-band pooling "
+            "and scoring need a backbone whose tokens keep frequency"
+        )
 
     def forward(
         self,
