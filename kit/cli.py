@@ -117,7 +117,7 @@ COMMANDS = {
 }
 
 _MAIN_EXAMPLES = (
-    "run                                  # the embedded default, notebooks 01-08",
+    "run                                  # the embedded default, notebooks 01-10",
     "run audiocc_1 --only 01,02           # two notebooks of a report recipe",
     "list                                 # the recipes",
     "metrics runs/RUN/dev_scores          # development results of every system of a run",

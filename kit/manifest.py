@@ -1,9 +1,9 @@
 """The run manifest ``<run_dir>/run.yaml``: what each stage produced, so later stages never guess.
 
 Each notebook records its outputs here and later notebooks read them: the data root and index (01),
-each branch's model folder, embedding folder, parameter count and effective settings (02-04), the
-scored systems and the scoring settings (05), the fusion actually done, the development score files
-and the submission (06). Paths are stored relative to the run folder, so a copied or hard-linked run
+each branch's model folder, embedding folder, parameter count and effective settings (02-08), the
+scored systems and the scoring settings (09), the fusion actually done, the development score files
+and the submission (10). Paths are stored relative to the run folder, so a copied or hard-linked run
 folder (``kit.pipeline.sweep``) reads its own files. The file is rewritten atomically at every
 update; a stage that runs again replaces its own entry, so switching settings back and forth always
 points at the embeddings of the last run.
@@ -123,7 +123,7 @@ def system_resources(run_dir: str | os.PathLike, system: str) -> tuple[int, int 
     if system.startswith("fusion"):
         fused = (content.get("fusion") or {}).get("branches")
         if not fused:
-            raise KeyError(f"{path(run_dir)} records no fusion: run notebook 08's fusion step first")
+            raise KeyError(f"{path(run_dir)} records no fusion: run notebook 10's fusion step first")
         counts = [_parameters(content, model) for model in {_model_of(content, name) for name in fused}]
         return len(fused), None if None in counts else sum(counts)
     return 1, _parameters(content, _model_of(content, system))

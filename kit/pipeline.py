@@ -253,7 +253,7 @@ def plan_recipe(
 
 
 def _finetuned_backbone(notebook: str) -> str | None:
-    """``02_finetune_beats`` -> ``beats``, ``05_train_cnn`` -> ``cnn``: the backbone a training notebook
+    """``02_finetune_beats`` -> ``beats``, ``07_train_cnn`` -> ``cnn``: the backbone a training notebook
     trains (None for others)."""
     for marker in ("_finetune_", "_train_"):
         _, found, backbone = notebook.partition(marker)
@@ -389,7 +389,7 @@ _EXAMPLES = [
     ("", "the embedded default"),
     ("--only 01", "notebook 01 only"),
     ("audiocc_1 --only 01,02", "two notebooks of a report recipe"),
-    ("--set 08.fusion_rule=mean", "a parameter of notebook 08"),
+    ("--set 10.fusion_rule=mean", "a parameter of notebook 10"),
     ("--set 02.training.steps=50", "one key of a mapping parameter"),
     ("eat_asp_4 --dry-run", "show the plan, run nothing"),
     ("--list", "the recipes"),
@@ -407,7 +407,7 @@ def _examples(prog: str) -> str:
 def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Run the numbered notebooks (01 data preparation ... 06 fusion and submission)\n"
+        description="Run the numbered notebooks (01 data preparation ... 10 fusion and submission)\n"
         "with papermill for one recipe of notebooks/recipes/ (default: the embedded default).",
         epilog=_examples(prog) + "\n" + ENVIRONMENT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -433,7 +433,7 @@ def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParse
         action="append",
         default=[],
         metavar="NB.PARAM[.KEY]=VALUE",
-        help="override a notebook parameter for every step of notebook NB (e.g. 08.fusion_rule=mean); "
+        help="override a notebook parameter for every step of notebook NB (e.g. 10.fusion_rule=mean); "
         "with .KEY, one key inside a mapping parameter (02.training.steps=50); VALUE "
         "is YAML; repeatable",
     )

@@ -761,7 +761,7 @@ def load_scores(folder) -> dict[str, pd.DataFrame]:
     """Read every ``<system>.csv`` of ``folder`` written by ``save_scores``."""
     paths = sorted(Path(folder).glob("*.csv"))
     if not paths:
-        raise FileNotFoundError(f"no score files in {folder}: run notebook 07_scoring first")
+        raise FileNotFoundError(f"no score files in {folder}: run notebook 09_scoring first")
     systems = {}
     for path in paths:
         frame = pd.read_csv(path, dtype={"section": str, "file_name": str}, keep_default_na=False)

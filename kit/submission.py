@@ -593,7 +593,7 @@ def submit_run(
     if not authors:
         return {
             "skipped": f"no authors: write an authors file (see authors.example.yaml) and set "
-            f"{AUTHORS_VARIABLE}=path/to/authors.yaml, then run notebook 08 again (./run_all.sh RECIPE --only 08)"
+            f"{AUTHORS_VARIABLE}=path/to/authors.yaml, then run notebook 10 again (./run_all.sh RECIPE --only 10)"
         }
     missing = sorted(set(submit.values()) - set(systems))
     if missing:

@@ -14,14 +14,14 @@ def test_every_seeded_step_of_a_recipe_gets_the_seed():
         "02.training.seed=2",
         "03.training.seed=2",
         "04.training.seed=2",
-        "05.training.seed=2",
-        "07.baseline_seed=2",
-        "08.seed=2",
+        "07.training.seed=2",
+        "09.baseline_seed=2",
+        "10.seed=2",
     ]
     assert benchmark.seed_overrides("audiocc_1", 1) == [
         "02.training.seed=1",
-        "07.baseline_seed=1",
-        "08.seed=1",
+        "09.baseline_seed=1",
+        "10.seed=1",
     ]
     spec = pipeline.apply_overrides(pipeline.load_recipe("default"), benchmark.seed_overrides("default", 5))
     for step in spec["steps"]:

@@ -98,7 +98,7 @@ def test_run_all_options_without_a_recipe_and_before_or_after_it(tmp_path):
         result = run_all(*args, "--dry-run", BEATS_CHECKPOINT="/ckpt/beats.pt")
         assert result.returncode == 0, result.stderr
         assert f"{REPO}/runs/audiocc_1-" in result.stdout
-        assert "02_finetune_beats-beats_arcface" in result.stdout and "07_scoring" not in result.stdout
+        assert "02_finetune_beats-beats_arcface" in result.stdout and "09_scoring" not in result.stdout
         assert "checkpoint: /ckpt/beats.pt" in result.stdout
 
 
@@ -113,13 +113,13 @@ def test_run_all_relative_paths_are_relative_to_where_it_is_typed(tmp_path):
 
 
 def test_run_all_sets_a_key_inside_a_mapping_parameter():
-    notebook = next(nb.stem for nb in pipeline.notebook_paths() if nb.stem.startswith("05"))
+    notebook = next(nb.stem for nb in pipeline.notebook_paths() if nb.stem.startswith("07"))
     mapping = next(
         (k for k, v in pipeline.notebook_parameters(notebook).items() if isinstance(v, dict)), None
     )
     if mapping is None:
         pytest.skip(f"notebook {notebook} declares no mapping parameter")
-    result = run_all("--only", "05", "--set", f"05.{mapping}.some_key=5", "--dry-run")
+    result = run_all("--only", "07", "--set", f"07.{mapping}.some_key=5", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "some_key: 5" in result.stdout
 
@@ -177,9 +177,9 @@ def test_pipeline_main_reads_the_environment(executed, tmp_path, monkeypatch):
 
 
 def test_pipeline_main_errors_run_nothing(executed, tmp_path, capsys):
-    assert pipeline.main(["--only", "09"]) == 2
-    assert "--only 09: not a notebook of recipe default" in capsys.readouterr().err
-    assert pipeline.main(["--set", "05.no_such_parameter=1"]) == 2
+    assert pipeline.main(["--only", "04"]) == 2
+    assert "--only 04: not a notebook of recipe default" in capsys.readouterr().err
+    assert pipeline.main(["--set", "07.no_such_parameter=1"]) == 2
     assert "has no parameter 'no_such_parameter'" in capsys.readouterr().err
     assert pipeline.main(["--data-root", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err

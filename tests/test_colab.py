@@ -53,7 +53,7 @@ def test_the_setup_cell_asks_for_repo_url_when_the_code_is_absent(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     namespace = {"repo_url": None, "drive_root": None, "data_root": "embedded", "run_dir": "runs/x"}
     with pytest.raises(RuntimeError, match="set repo_url"):
-        exec(_setup_cell("07_scoring.ipynb"), namespace)
+        exec(_setup_cell("09_scoring.ipynb"), namespace)
 
 
 def test_only_missing_requirements_are_installed(tmp_path, monkeypatch):

@@ -12,11 +12,11 @@ from kit import metrics, pipeline, submission
 
 TINY = [
     "01.embedded_scale=0.25",
-    "07.baseline_epochs=1",
-    "08.bayes_iter=2",
-    "08.bayes_init=2",
+    "09.baseline_epochs=1",
+    "10.bayes_iter=2",
+    "10.bayes_init=2",
 ]
-TINY += ["05.training.backbone_config=unit", "05.training.steps=4", "05.training.batch_size=4"]
+TINY += ["07.training.backbone_config=unit", "07.training.steps=4", "07.training.batch_size=4"]
 
 
 def test_every_recipe_loads_and_names_real_notebooks(monkeypatch):
@@ -197,8 +197,8 @@ def test_default_pipeline_end_to_end(tmp_path):
     )
     overrides = TINY + [
         f"01.embedded_root={tmp_path / 'embedded'}",
-        f"08.submission_dir={tmp_path / 'subs'}",
-        f"08.authors={authors}",  # the zip is written once the authors are known
+        f"10.submission_dir={tmp_path / 'subs'}",
+        f"10.authors={authors}",  # the zip is written once the authors are known
     ]
     pipeline.run_recipe("default", "embedded", run_dir, overrides=overrides)
     for step in pipeline.load_recipe("default")["steps"]:
@@ -231,7 +231,7 @@ def test_default_pipeline_end_to_end(tmp_path):
         "channel_policies": ["near"],
         "with_baseline": False,
     }
-    outs = pipeline.sweep("07_scoring", {"knn_k": [1, 3]}, run_dir, tmp_path / "sweep", params=params)
+    outs = pipeline.sweep("09_scoring", {"knn_k": [1, 3]}, run_dir, tmp_path / "sweep", params=params)
     assert [p.name for p in outs] == ["knn_k=1", "knn_k=3"]
     k1, k3 = (pd.read_csv(p / "scores" / "logmel-knn-near.csv")["score"] for p in outs)
     assert not k1.equals(k3)

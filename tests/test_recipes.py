@@ -60,7 +60,7 @@ def test_effective_settings_are_the_files_and_the_reports(recipe, checkpoints, c
         if step["notebook"].startswith(("02", "03", "04")):
             lines.append(f"{step['notebook']} {params['name']}: training {_compact(params['training'])}")
             lines.append(f"{step['notebook']} {params['name']}: extraction {_compact(params['extraction'])}")
-        elif step["notebook"].startswith(("07", "08")):
+        elif step["notebook"].startswith(("09", "10")):
             shown = {
                 k: v for k, v in params.items() if k not in ("repo_url", "drive_root", "data_root", "run_dir")
             }
@@ -68,7 +68,7 @@ def test_effective_settings_are_the_files_and_the_reports(recipe, checkpoints, c
             lines.append(f"{step['notebook']}: {_compact(shown)}")
     print("\n".join(lines))
 
-    scoring = next(s["params"] for s in file_steps if s["notebook"] == "07_scoring")
+    scoring = next(s["params"] for s in file_steps if s["notebook"] == "09_scoring")
     assert {"backends", "channel_policies", "separate_domains", "smote"} <= set(
         scoring
     )  # explicit, not inherited
@@ -158,7 +158,7 @@ def test_a_typo_in_a_recipe_is_named(tmp_path, checkpoints):
     broken = copy.deepcopy(spec)
     broken["steps"][2]["params"]["knn"] = 3
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(broken))
-    with pytest.raises(ValueError, match=r"step 07_scoring: unknown parameter\(s\) \['knn'\]"):
+    with pytest.raises(ValueError, match=r"step 09_scoring: unknown parameter\(s\) \['knn'\]"):
         pipeline.effective_settings(str(tmp_path / "b.yaml"))
 
 
@@ -187,7 +187,7 @@ def authors(tmp_path, monkeypatch):
 def _few(recipe: str, out) -> list[str]:
     """Steps, clips and epochs overridden to a few; every other setting as the recipe states."""
     notebooks = {step["notebook"][:2] for step in _file_steps(recipe)}
-    overrides = ["07.baseline_epochs=1", f"08.submission_dir={out}"]
+    overrides = ["09.baseline_epochs=1", f"10.submission_dir={out}"]
     overrides += [
         f"{nb}.training.{k}={v}"
         for nb in ("02", "03", "04")
@@ -195,7 +195,7 @@ def _few(recipe: str, out) -> list[str]:
         for k, v in (("steps", 2), ("batch_size", 2), ("warmup_steps", 1), ("checkpoint_every", 1))
     ]
     if "bayes" in str(pipeline.load_recipe(recipe)):
-        overrides += ["08.bayes_iter=1", "08.bayes_init=1"]
+        overrides += ["10.bayes_iter=1", "10.bayes_init=1"]
     return overrides
 
 

@@ -331,7 +331,7 @@ def test_score_branches_names_every_combination_and_round_trips(tmp_path):
     (tmp_path / "bad" / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a score file"):
         scoring.load_scores(tmp_path / "bad")
-    with pytest.raises(FileNotFoundError, match="07_scoring"):
+    with pytest.raises(FileNotFoundError, match="09_scoring"):
         scoring.load_scores(tmp_path / "empty")
 
 

@@ -34,9 +34,9 @@ SEED_SETTINGS = {  # notebook prefix -> the parameter (path) that takes the seed
     "02": "training.seed",
     "03": "training.seed",
     "04": "training.seed",
-    "05": "training.seed",
-    "07": "baseline_seed",
-    "08": "seed",
+    "07": "training.seed",
+    "09": "baseline_seed",
+    "10": "seed",
 }
 METRICS = ("hmean", "auc_source", "auc_target", "pauc")
 

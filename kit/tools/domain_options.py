@@ -7,7 +7,7 @@ scores each branch's ``--channel`` with every option of :data:`OPTIONS` (pooled 
 target references, SMOTE target points, per-domain score normalisation, local density), then prints the
 official score, AUC source and AUC target on the development test clips as the mean and the sample
 standard deviation over the runs. Scoring only: nothing is trained, so a table over three seed runs
-takes seconds. The options' choice is a setting of ``07_scoring`` (``separate_domains``, ``smote``,
+takes seconds. The options' choice is a setting of ``09_scoring`` (``separate_domains``, ``smote``,
 ``normalisation``): read this table on the data you tune on, not on the labels you report.
 """
 
