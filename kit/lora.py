@@ -9,6 +9,7 @@ backbone), and can be merged into the weights for inference at no extra cost.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -21,14 +22,22 @@ ADAPTER_FILE = "lora_adapters.safetensors"
 
 
 def add_lora(
-    backbone: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0
+    backbone: nn.Module,
+    rank: int = 64,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: str | None = None,
 ) -> nn.Module:
-    """Inject LoRA adapters (in place) and freeze every non-adapter weight of ``backbone``."""
+    """Inject LoRA adapters (in place) and freeze every non-adapter weight of ``backbone``.
+    ``targets``: a regular expression (full match) of the module names to adapt; None: the backbone's
+    ``lora_target_modules`` (its attention projections)."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
-    pattern = getattr(backbone, "lora_target_modules", "")
+    pattern = targets or getattr(backbone, "lora_target_modules", "")
     if not pattern:
         raise ValueError(f"{type(backbone).__name__} declares no lora_target_modules pattern")
+    if targets and not any(re.fullmatch(targets, name) for name, _ in backbone.named_modules()):
+        raise ValueError(f"lora_targets {targets!r} matches no module of {type(backbone).__name__}")
     from peft import LoraConfig, inject_adapter_in_model  # peft takes seconds to import: only when used
 
     config = LoraConfig(

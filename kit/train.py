@@ -71,6 +71,7 @@ class TrainConfig:
     lora_rank: int = 64
     lora_alpha: float | None = None  # None: alpha = rank (scale 1)
     lora_dropout: float = 0.0
+    lora_targets: str | None = None  # regex of the modules LoRA adapts; None: the backbone's attention projections
     head: str = "asp"  # asp | mean | cls
     embed_dim: int = 128
     loss: str = "arcface"  # arcface | subcenter | adacos
@@ -91,6 +92,7 @@ class TrainConfig:
     lr: float = 3e-4  # 1e-3 collapses the random-init CPU transformers (mean cosine 0.995-1.0 between clips)
     head_lr_scale: float = 10.0  # lr of the freshly initialised head and loss = lr * head_lr_scale
     weight_decay: float = 0.01
+    grad_clip: float | None = 5.0  # max global gradient norm; None: no clipping
     warmup_steps: int = 30
     spec_augment: bool = True
     mixup_alpha: float = 0.0
@@ -137,7 +139,9 @@ class TrainConfig:
         """The settings (other than ``EXECUTION_FIELDS``) whose values differ from a saved config."""
         mine = self.to_dict()
         keys = sorted((set(mine) | set(other)) - set(self.EXECUTION_FIELDS))
-        return [key for key in keys if mine.get(key) != other.get(key)]
+        # A setting added after the saved run was made counts as its default there.
+        defaults = type(self)().to_dict()
+        return [key for key in keys if mine.get(key, defaults.get(key)) != other.get(key, defaults.get(key))]
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -262,7 +266,9 @@ def build_embedder(cfg: TrainConfig) -> Embedder:
     )
     head = heads.make_head(cfg.head, backbone.embed_dim, cfg.embed_dim)
     if cfg.mode == "lora":
-        add_lora(backbone, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        add_lora(
+            backbone, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
+        )
     elif cfg.mode in ("partial", "frozen"):
         for p in backbone.parameters():
             p.requires_grad = False
@@ -783,7 +789,8 @@ def _train_step(
     if not math.isfinite(step_loss):
         raise FloatingPointError(_divergence_message(cfg, step, step_loss, history, prec))
     prec.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(trained, 5.0)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
     prec.step(optimizer)  # skipped (weights unchanged) when fp16 gradients overflowed
     return step_loss, step_acc
 

@@ -537,3 +537,19 @@ def test_training_that_collapses_says_so(tone_index, tmp_path, monkeypatch):
         UserWarning, match=r"t: after training, the embeddings of 24 training clips have collapsed .*lower lr"
     ):
         train.train(tone_index, _cfg(steps=1), tmp_path, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_lora_targets_choose_the_adapted_modules():
+    cfg = _cfg(backbone="beats", mode="lora", lora_rank=2, lora_targets=r"encoder\.layers\.\d+\.self_attn\.v_proj")
+    names = {n.rsplit(".lora_", 1)[0] for n, _ in train.build_embedder(cfg).named_parameters() if "lora_A" in n}
+    assert names and all(name.endswith("self_attn.v_proj") for name in names)
+    with pytest.raises(ValueError, match="lora_targets 'nothing' matches no module"):
+        train.build_embedder(_cfg(backbone="beats", mode="lora", lora_targets="nothing"))
+
+
+def test_a_setting_added_after_a_run_was_saved_counts_as_its_default():
+    cfg = train.TrainConfig()
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ("grad_clip", "lora_targets")}
+    assert cfg.differences(saved) == []
+    assert train.TrainConfig(grad_clip=1.0).differences(saved) == ["grad_clip"]
