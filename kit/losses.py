@@ -1,7 +1,9 @@
-"""Angular-margin classification losses for the proxy task: ArcFace, sub-center ArcFace, AdaCos.
+"""Angular-margin classification losses for the proxy task: ArcFace, sub-center ArcFace, AdaCos and
+sub-cluster AdaCos.
 
-All three compare L2-normalised embeddings with L2-normalised class weights, so a logit is a scaled
-cosine ``s * cos(theta_j)``. ArcFace adds an angular margin ``m`` to the angle of the true class,
+All of them compare L2-normalised embeddings with L2-normalised class weights, so a logit is a scaled
+cosine ``s * cos(theta_j)`` (for sub-cluster AdaCos, the log-sum-exp of a class's scaled sub-cluster
+cosines). ArcFace adds an angular margin ``m`` to the angle of the true class,
 ``s * cos(theta_y + m)``, which pulls each class tighter than plain softmax would; that compactness is
 what distance-based anomaly scoring (KNN, Mahalanobis) relies on later.
 
@@ -9,7 +11,7 @@ Each loss is an ``nn.Module`` holding its class weights: ``loss(emb, labels)`` r
 cross-entropy, ``loss.logits(emb, labels=None)`` the logits (with the margin when labels are given,
 plain scaled cosines otherwise, e.g. for accuracy).
 
-Numerical care, shared by all three:
+Numerical care, shared by all of them:
 
 - cosines are computed in float32 even under autocast, and clamped to ``[-1 + eps, 1 - eps]``: the
   margin uses ``sin(theta) = sqrt(1 - cos^2)``, whose gradient is infinite at ``cos = +-1``, i.e. when
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("arcface", "subcenter", "adacos")
+LOSSES = ("arcface", "subcenter", "adacos", "subcluster_adacos")
 
 
 class _AngularMarginLoss(nn.Module):
@@ -62,16 +64,19 @@ class _AngularMarginLoss(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_classes * k, embed_dim))
         nn.init.xavier_uniform_(self.weight)
 
-    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
-        """Clamped cosine between each embedding and each class ``[B, n_classes]`` (max over sub-centres)."""
+    def subcosine(self, emb: torch.Tensor) -> torch.Tensor:
+        """Clamped cosine between each embedding and each sub-centre ``[B, n_classes, k]`` (float32)."""
         if emb.ndim != 2 or emb.shape[1] != self.embed_dim:
             raise ValueError(
                 f"expected embeddings of shape [batch, {self.embed_dim}], got {tuple(emb.shape)}"
             )
         with torch.autocast(device_type=emb.device.type, enabled=False):
             cos = F.linear(F.normalize(emb.float(), dim=1), F.normalize(self.weight.float(), dim=1))
-        cos = cos.view(emb.shape[0], self.n_classes, self.k).amax(dim=2)
-        return cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
+        return cos.view(emb.shape[0], self.n_classes, self.k).clamp(-1.0 + self.eps, 1.0 - self.eps)
+
+    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
+        """Clamped cosine between each embedding and each class ``[B, n_classes]`` (max over sub-centres)."""
+        return self.subcosine(emb).amax(dim=2)
 
     def _with_margin(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``cos`` with the true-class entries replaced by ``cos(theta_y + m)`` (or its fallback)."""
@@ -189,10 +194,81 @@ class AdaCos(_AngularMarginLoss):
         return self.s * self._with_margin(cos, labels)
 
 
+class SubClusterAdaCos(_AngularMarginLoss):
+    """Sub-cluster AdaCos (Wilkinghoff, IJCNN 2021): ``k`` sub-cluster centres per class, a softmax over
+    all ``n_classes * k`` scaled sub-cluster cosines, and a class's probability the sum of its
+    sub-clusters' probabilities; the scale adapts as in AdaCos. A class made of several modes (pseudo-
+    labelled machines, attribute groups) need not collapse onto one centre.
+
+    With ``c[i, j, l]`` the cosine between embedding ``i`` and centre ``l`` of class ``j``:
+
+    - logits (class level, what ``logits`` returns): ``z[i, j] = log sum_l exp(s * c[i, j, l])``, so that
+      ``softmax(z)[j] = sum_l softmax(s * c)[j, l]``, the paper's pooled class probability; the loss is
+      the cross-entropy of ``z``. No margin (the published loss has none).
+    - scale: ``s0 = sqrt(2) * log(n_classes * k - 1)``; each training forward with labels then sets,
+      without gradient, ``s = log(B_avg) / cos(min(pi/4, theta_med))`` with
+      ``B_avg = mean_i sum_{j != y_i} exp(z_old[i, j]) = mean_i sum_{j != y_i} sum_l exp(s_old * c[i, j, l])``
+      (the AdaCos sum over the other classes, of their pooled logits) and ``theta_med`` the batch median
+      of the class-level angle to the true class, ``arccos(max_l c[i, y_i, l])`` (its nearest
+      sub-cluster, the centre that dominates the pooled logit). ``log(B_avg)`` is computed as a
+      log-sum-exp, so a large scale cannot overflow; ``s`` is floored at 1 as in :class:`AdaCos`.
+      The published reference code differs in two details: its median angle is the sum of the true
+      class's ``k`` sub-cluster angles (for ``k > 1`` nearly always above pi/4, i.e. the cap), and some
+      versions include the true class in ``B_avg``. With ``k = 1`` this class is exactly :class:`AdaCos`
+      without margin (same logits, same scale updates).
+    - centres: fixed after their random (Xavier) initialisation by default, as in the reference
+      implementations (Wilkinghoff's and ASDKit's, which kasahart/asd-experiments trains with): a buffer
+      ``weight [n_classes * k, D]``, class ``c`` owning rows ``c*k .. c*k + k-1``, saved in the state
+      dict. ``trainable=True`` makes them a parameter.
+    """
+
+    def __init__(self, embed_dim: int, n_classes: int, k: int = 16, trainable: bool = False):
+        if isinstance(k, int) and k >= 1 and n_classes * k < 3:
+            raise ValueError(
+                "sub-cluster AdaCos needs at least 3 sub-clusters in all (its initial scale "
+                f"sqrt(2)*log(n_classes*k-1) is 0 for 2), got n_classes={n_classes}, k={k}"
+            )
+        super().__init__(embed_dim, n_classes, k=k, m=0.0)
+        if not trainable:
+            centres = self.weight.detach().clone()
+            del self.weight
+            self.register_buffer("weight", centres)
+        self.trainable = bool(trainable)
+        self.register_buffer("s", torch.tensor(math.sqrt(2.0) * math.log(n_classes * k - 1)))
+
+    @torch.no_grad()
+    def _update_scale(self, cos: torch.Tensor, labels: torch.Tensor) -> None:
+        is_true = F.one_hot(labels, self.n_classes).bool()  # [B, C]
+        others = (self.s * cos).masked_fill(is_true[:, :, None], float("-inf"))
+        log_b_avg = torch.logsumexp(others.flatten(), dim=0) - math.log(cos.shape[0])
+        theta_med = torch.acos(cos.amax(dim=2)[is_true]).median()
+        new_s = log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4))
+        self.s.copy_(new_s.clamp(min=1.0))
+
+    def logits(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits ``[B, n_classes]``, each the log-sum-exp of its scaled sub-cluster cosines; in
+        train mode, a call with labels first updates the scale."""
+        cos = self.subcosine(emb)
+        if labels is not None:
+            self._check(emb, labels)
+            if self.training:
+                self._update_scale(cos.detach(), labels)
+        return torch.logsumexp(self.s * cos, dim=2)
+
+    def extra_repr(self) -> str:
+        return f"n_classes={self.n_classes}, k={self.k}, trainable={self.trainable}"
+
+
 def make_loss(kind: str, embed_dim: int, n_classes: int, **options) -> nn.Module:
-    """Build loss ``kind`` (``"arcface"``, ``"subcenter"`` or ``"adacos"``); ``options`` go to its
-    constructor (``s``, ``m``, ``easy_margin``, ``k`` for ``"subcenter"``; only ``m`` for ``"adacos"``)."""
-    classes = {"arcface": ArcFace, "subcenter": SubCenterArcFace, "adacos": AdaCos}
+    """Build loss ``kind`` (one of ``LOSSES``); ``options`` go to its constructor (``s``, ``m``,
+    ``easy_margin``, ``k`` for ``"subcenter"``; only ``m`` for ``"adacos"``; ``k`` and ``trainable`` for
+    ``"subcluster_adacos"``)."""
+    classes = {
+        "arcface": ArcFace,
+        "subcenter": SubCenterArcFace,
+        "adacos": AdaCos,
+        "subcluster_adacos": SubClusterAdaCos,
+    }
     if kind not in classes:
         raise ValueError(f"unknown loss {kind!r}: expected one of {', '.join(LOSSES)}")
     try:
