@@ -17,6 +17,18 @@ Each head ends with the same projection, ``Linear -> LayerNorm`` (the parameter-
 has none). LayerNorm rather than BatchNorm1d:
 its output does not depend on the other clips of the batch, so training with small batches (16 in
 the EAT-ASP report), gradient accumulation or a single clip at inference all behave the same.
+
+Per-band pooling (inference only, no parameters): a backbone's frequency-preserving tokens
+(``Backbone.grid_tokens``: ``[B, T, F, D]`` and a padding mask ``[B, T]`` over time) pooled over time
+in each band, ``[B, F, D]``, for per-band scoring (BEAM):
+
+- :func:`band_mean` (``"band_mean"``): the masked mean over time;
+- :func:`rdp_pool` (``"band_rdp"``): relative-deviation pooling, a weighted mean over time whose
+  weights ``(1 + r)^gamma`` grow with the frame's distance from the band's mean, relative to the
+  farthest frame (the inference of kasahart/asd-experiments, gamma 4): a short event that a plain
+  mean dilutes keeps its weight.
+
+:class:`BandPool` wraps either as a module.
 """
 
 from __future__ import annotations
@@ -26,6 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HEADS = ("asp", "mean", "cls", "stats")
+BAND_POOLINGS = ("band_mean", "band_rdp")
+RDP_GAMMA = 4.0
+RDP_EPS = 1e-8  # a largest deviation at or below this: the frames are one, the weights uniform
 
 
 def _check_inputs(tokens: torch.Tensor, padding_mask: torch.Tensor | None, in_dim: int) -> torch.Tensor:
@@ -182,3 +197,113 @@ def make_head(kind: str, in_dim: int, embed_dim: int | None, **options) -> nn.Mo
     if embed_dim is None and kind != "stats":
         raise ValueError(f"pooling head {kind!r} needs an embed_dim (only 'stats' works without one)")
     return classes[kind](in_dim, embed_dim, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-band pooling over time: grid tokens [B, T, F, D] -> [B, F, D]
+
+
+def _check_grid(tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``tokens [B, T, F, D]`` and the time mask ``[B, T]``; return the tokens with padding
+    zeroed (computed in float32 at least: half-precision norms overflow) and the VALID mask
+    ``[B, T, 1, 1]``."""
+    if tokens.ndim != 4:
+        raise ValueError(
+            f"per-band pooling expects grid tokens of shape [batch, time, bands, dim], got {tuple(tokens.shape)}"
+        )
+    batch, frames = tokens.shape[:2]
+    if padding_mask is None:
+        valid = torch.ones(batch, frames, dtype=torch.bool, device=tokens.device)
+    else:
+        if padding_mask.shape != (batch, frames):
+            raise ValueError(
+                f"padding_mask must have shape {(batch, frames)} (batch, time) to match the grid tokens, "
+                f"got {tuple(padding_mask.shape)}"
+            )
+        valid = ~padding_mask.bool()
+    if not bool(valid.any(dim=1).all()):
+        empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"clips {empty} of the batch have no valid time step (padding_mask is True everywhere)"
+        )
+    valid = valid[:, :, None, None]
+    x = tokens if tokens.dtype in (torch.float32, torch.float64) else tokens.float()
+    # where, not a product: padding may hold NaN/inf, and NaN * 0 is NaN
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)), valid
+
+
+def band_mean(tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the valid time steps of every band: ``[B, T, F, D], [B, T] -> [B, F, D]``."""
+    x, valid = _check_grid(tokens, padding_mask)
+    return x.sum(dim=1) / valid.sum(dim=1)
+
+
+def _checked_gamma(gamma) -> float:
+    try:
+        value = float(gamma)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(gamma, bool) or not 0 <= value < float("inf"):
+        raise ValueError(f"RDP gamma must be a finite number >= 0, got {gamma!r}")
+    return value
+
+
+def _rdp_weights(x: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    """RDP weights ``[B, T, F]`` of checked tokens (padding zeroed) and their valid mask."""
+    mean = x.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True)
+    deviation = torch.linalg.vector_norm(x - mean, dim=-1) * valid[..., 0]  # [B, T, F]; padding 0
+    largest = deviation.amax(dim=1, keepdim=True)  # deviations are >= 0: the padding's 0 never wins
+    spread = largest > RDP_EPS
+    relative = torch.where(spread, deviation / torch.where(spread, largest, 1.0), 0.0)
+    # log/softmax rather than powers: the normalisation cannot overflow whatever gamma is
+    logits = (gamma * torch.log1p(relative)).masked_fill(~valid[..., 0], float("-inf"))
+    return torch.softmax(logits, dim=1)
+
+
+def rdp_weights(
+    tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, gamma: float = RDP_GAMMA
+) -> torch.Tensor:
+    """The RDP weights ``[B, T, F]``: per band f, ``mu = mean_t x[t, f]`` (valid t),
+    ``r[t, f] = ||x[t, f] - mu|| / max_t ||x[t, f] - mu||`` (L2 over D, max over the valid t), and
+    ``w = (1 + r)^gamma`` normalised over the valid t. A band whose largest deviation is at most
+    ``RDP_EPS`` gets uniform weights; padded steps get 0."""
+    gamma = _checked_gamma(gamma)
+    return _rdp_weights(*_check_grid(tokens, padding_mask), gamma)
+
+
+def rdp_pool(
+    tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, gamma: float = RDP_GAMMA
+) -> torch.Tensor:
+    """Relative-deviation pooling over time in every band: ``[B, T, F, D], [B, T] -> [B, F, D]``, the
+    weighted mean of the valid steps under :func:`rdp_weights`. ``gamma=0`` is :func:`band_mean`."""
+    gamma = _checked_gamma(gamma)
+    x, valid = _check_grid(tokens, padding_mask)
+    return (_rdp_weights(x, valid, gamma)[..., None] * x).sum(dim=1)
+
+
+def band_pool(
+    kind: str, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, gamma: float = RDP_GAMMA
+) -> torch.Tensor:
+    """``"band_mean"`` (:func:`band_mean`) or ``"band_rdp"`` (:func:`rdp_pool` with ``gamma``)."""
+    if kind == "band_mean":
+        return band_mean(tokens, padding_mask)
+    if kind == "band_rdp":
+        return rdp_pool(tokens, padding_mask, gamma)
+    raise ValueError(f"unknown per-band pooling {kind!r}: expected one of {', '.join(BAND_POOLINGS)}")
+
+
+class BandPool(nn.Module):
+    """Parameter-free per-band pooling over time: ``(tokens [B, T, F, D], padding_mask [B, T]) ->
+    [B, F, D]`` with ``kind`` ``"band_mean"`` or ``"band_rdp"`` (``gamma``, default 4)."""
+
+    def __init__(self, kind: str = "band_rdp", gamma: float = RDP_GAMMA):
+        super().__init__()
+        if kind not in BAND_POOLINGS:
+            raise ValueError(f"unknown per-band pooling {kind!r}: expected one of {', '.join(BAND_POOLINGS)}")
+        self.kind, self.gamma = kind, _checked_gamma(gamma)
+
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return band_pool(self.kind, tokens, padding_mask, self.gamma)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, gamma={self.gamma}"

@@ -257,3 +257,31 @@ def test_unknown_config_or_option():
         beats.build("huge")
     with pytest.raises(ValueError, match="unknown BEATs option"):
         beats.build("cpu", heads=3)
+
+
+def _unit_model() -> beats.BEATs:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random init: the no-pretrained-weights warning
+        return beats.build("unit").eval()
+
+
+def test_grid_tokens_are_forward_tokens_on_the_time_x_frequency_grid():
+    model = _unit_model()
+    assert model.has_grid
+    gen = torch.Generator().manual_seed(3)
+    a, b = 0.1 * torch.randn(16000, generator=gen), 0.1 * torch.randn(9000, generator=gen)
+    waves, lengths = _padded(a, b)
+    with torch.no_grad():
+        tokens, padding_mask = model(waves, lengths)
+        grid, grid_mask = model.grid_tokens(waves, lengths)
+        alone, alone_mask = model.grid_tokens(b[None], torch.tensor([len(b)]))
+    # 98 and 54 fbank frames: 6 and 3 time patches, each of 8 frequency patches
+    assert grid.shape == (2, 6, 8, model.embed_dim)
+    assert grid_mask.tolist() == [[False] * 6, [False] * 3 + [True] * 3]
+    torch.testing.assert_close(grid.reshape(2, 48, -1), tokens, rtol=0, atol=0)  # time-major: t * 8 + f
+    assert torch.equal(grid_mask.repeat_interleave(8, dim=1), padding_mask)
+    assert alone.shape == (1, 3, 8, model.embed_dim) and not alone_mask.any()
+    torch.testing.assert_close(grid[1:, :3], alone, rtol=0, atol=ATOL)  # batch invariant
+    with pytest.raises(ValueError, match="takes no reference input"):
+        model.grid_tokens(waves, lengths, reference=waves)

@@ -246,3 +246,35 @@ def test_a_silent_clip_gives_finite_tokens():
     model = _unit().eval()  # log of the power floor everywhere, in both branches
     tokens, _ = model(torch.zeros(1, 5000))
     assert torch.isfinite(tokens).all()
+
+
+@pytest.mark.parametrize("config", ["unit", "cpu_nospectrum"])
+def test_grid_tokens_are_the_map_the_tokens_project_and_batch_invariant(config):
+    torch.manual_seed(1)
+    model = backbones.load("cnn", config=config)
+    with torch.no_grad():  # fresh BatchNorms are the identity at eval: give them statistics
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    model.eval()
+    assert model.has_grid
+    lengths = [model.min_samples + 7777, model.min_samples, model.min_samples + 1500]
+    waves, lens = _random_batch(lengths, seed=2)
+    waves[1, lengths[1] :] = 5.0  # whatever the padding holds
+    with torch.no_grad():
+        tokens, padding = model(waves, lens)
+        grid, grid_padding = model.grid_tokens(waves, lens)
+    cfg = model.config
+    assert grid.shape == (3, tokens.shape[1], cfg.n_mels >> len(cfg.channels), cfg.channels[-1])
+    assert torch.equal(grid_padding, padding) and torch.all(grid[grid_padding] == 0)
+    # forward's spectrogram tokens are the projection of each step's [C x F'] map (channel-major)
+    projected = model.token_projection(grid.permute(0, 1, 3, 2).flatten(2))
+    valid = ~padding
+    torch.testing.assert_close(projected[valid], tokens[valid][:, : cfg.token_dim])
+    for i, n in enumerate(lengths):
+        alone, alone_padding = model.grid_tokens(waves[i : i + 1, :n], lens[i : i + 1])
+        assert not alone_padding.any()
+        torch.testing.assert_close(grid[i, valid[i]], alone[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="takes no reference input"):
+        model.grid_tokens(waves, lens, reference=waves)

@@ -256,3 +256,39 @@ def test_unsupported_variant_is_refused(tmp_path, backbone_fixtures):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="layer_norm_first"):
         load("eat", folder)
+
+
+def test_grid_tokens_drop_cls_and_keep_the_time_major_patch_order(models, audio, expected):
+    model = models[("eat_fairseq.pt", 1024)]
+    a, b = audio["a"], audio["b"]
+    waves = torch.zeros(2, a.numel())
+    waves[0], waves[1, : b.numel()] = a, b
+    lengths = torch.tensor([a.numel(), b.numel()])
+    assert model.has_grid
+    with torch.no_grad():
+        tokens, mask = model(waves, lengths)
+        grid, grid_mask = model.grid_tokens(waves, lengths)
+    assert grid.shape == (2, 64, 8, model.embed_dim) and grid_mask.shape == (2, 64)
+    # patch token 1 + t * 8 + f sits at grid[t, f]
+    assert torch.equal(grid[:, 5, 3], tokens[:, 1 + 5 * 8 + 3])
+    assert torch.equal(grid.reshape(2, 64 * 8, -1), tokens[:, 1:])
+    assert torch.equal(grid_mask.repeat_interleave(8, dim=1), mask[:, 1:])
+    assert (~grid_mask).sum(1).tolist() == [13, 10]  # a: 198 frames, b: 158 frames (16 per patch)
+    # the official single-clip outputs, CLS dropped, on the grid
+    reference = torch.from_numpy(expected["b_features_1024"][:, 1:]).reshape(1, 64, 8, -1)
+    _close(grid[1:], reference.numpy())
+
+
+def test_grid_tokens_patch_order_follows_the_mel_axis():
+    # no blocks: a patch token is its own patch's embedding plus its position, so the grid cell of a
+    # patch that alone differs between two inputs shows where the tokens put it
+    model = build_quietly(target_length=64, depth=0)
+    waves = torch.randn(1, 16000) * 0.01
+    features, _ = model.frontend(waves)
+    changed = features.clone()
+    changed[0, 0, 16:32, 48:64] += 1.0  # time patch 1, mel patch 3
+    with torch.no_grad():
+        base = model.encode(features)[:, 1:].reshape(1, 4, 8, -1)
+        moved = model.encode(changed)[:, 1:].reshape(1, 4, 8, -1)
+    differs = (base - moved).abs().amax(-1)[0] > 1e-6
+    assert differs.nonzero().tolist() == [[1, 3]]

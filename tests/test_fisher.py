@@ -224,3 +224,55 @@ def test_readme_path_embeds_the_whole_clip_unless_told_to_cut():
         assert not torch.allclose(whole.embedding(clip), whole.embedding(changed_end))
         torch.testing.assert_close(cut.embedding(clip), cut.embedding(changed_end))
     assert whole.max_input_seconds is None and cut.max_input_seconds == pytest.approx(10.24)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_grid_tokens_shape_mask_and_batch_invariance(models, audio, expected, path):
+    model = models[path]
+    waves, lengths = padded_batch(audio)
+    assert model.has_grid
+    with torch.no_grad():
+        grid, mask = model.grid_tokens(waves, lengths)
+        cls, _ = model(waves, lengths)
+        alone = [model.grid_tokens(audio[clip][None]) for clip in "ab"]
+    bands = model.n_bands * model.freq_patches  # each band's frequency patches, band after band
+    # a: 198 frames, b: 158. README path: whole patches of the clip (12, 9); pad_to 1024: 64 patches,
+    # those holding some of the clip's frames are content (13, 10)
+    time_patches, own = (12, [12, 9]) if PATHS[path] is None else (64, [13, 10])
+    assert grid.shape == (2, time_patches, bands, model.embed_dim) and mask.shape == (2, time_patches)
+    assert (~mask).sum(1).tolist() == own and not mask[:, 0].any()
+    for row, (single, single_mask) in enumerate(alone):
+        assert not single_mask[:, : own[row]].any()
+        np.testing.assert_allclose(
+            grid[row, : own[row]].numpy(), single[0, : own[row]].numpy(), rtol=0, atol=TOLERANCE
+        )
+    # the band CLS tokens of the same pass are still the released model's
+    np.testing.assert_allclose(
+        cls[1].flatten().numpy(), expected[f"b_features_{path}"].ravel(), atol=TOLERANCE
+    )
+
+
+@pytest.mark.parametrize("flatten", ["freq", "time"])
+def test_grid_tokens_put_each_patch_at_its_time_and_frequency(flatten):
+    # no blocks and no positions: a grid cell is the LayerNorm of its own patch's embedding, so the
+    # one cell that changes when one spectrum patch changes shows where the grid puts that patch
+    torch.manual_seed(0)
+    model = fisher.build("unit", depth=0, flatten=flatten).eval()
+    model.positions.zero_()
+    spec = torch.randn(1, 80, 201) * 0.1
+    frames = torch.tensor([80])
+    changed = spec.clone()
+    changed[0, 32:48, 100 + 2 * 16 : 100 + 3 * 16] += 1.0  # time patch 2, band 1, its frequency patch 2
+
+    def grid(features):
+        def frontend(waves, lengths=None):
+            return features, frames
+
+        model.frontend = frontend  # the grid of a given spectrum
+        with torch.no_grad():
+            return model.grid_tokens(torch.zeros(1, 12960))[0]
+
+    base, moved = grid(spec), grid(changed)
+    assert base.shape == (1, 5, 2 * 6, model.embed_dim)
+    differs = (base - moved).abs().amax(-1)[0] > 1e-6
+    assert differs.nonzero().tolist() == [[2, 6 + 2]]

@@ -1,7 +1,19 @@
 import pytest
 import torch
 
-from kit.heads import AttentiveStatsPool, ClsPool, MeanPool, StatsPool, make_head
+from kit.heads import (
+    BAND_POOLINGS,
+    AttentiveStatsPool,
+    BandPool,
+    ClsPool,
+    MeanPool,
+    StatsPool,
+    band_mean,
+    band_pool,
+    make_head,
+    rdp_pool,
+    rdp_weights,
+)
 
 KINDS = ["asp", "mean", "cls", "stats"]  # "stats" with embed_dim 6 != 2 * 12: the projected variant
 
@@ -136,3 +148,92 @@ def test_bad_inputs_give_clear_errors():
         head(tokens, torch.tensor([[False] * 4, [True] * 4]))
     with pytest.raises(ValueError, match="token 0 to be valid"):
         make_head("cls", 12, 6)(tokens, torch.tensor([[True, False, False, False]] * 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-band pooling over time: [B, T, F, D], [B, T] -> [B, F, D]
+
+
+def _grid_batch(lengths, bands=3, dim=5, fill=0.0, seed=0):
+    """Grid tokens [B, max(lengths), bands, dim], every step past a clip's length set to ``fill``."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(len(lengths), max(lengths), bands, dim, generator=gen)
+    padding = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    return tokens.masked_fill(padding[..., None, None], fill), padding
+
+
+@pytest.mark.parametrize("kind", BAND_POOLINGS)
+@pytest.mark.parametrize("garbage", [1e4, float("nan"), float("inf")])
+def test_band_pooling_ignores_masked_frames(kind, garbage):
+    tokens, padding = _grid_batch([7, 4, 2])
+    dirty, _ = _grid_batch([7, 4, 2], fill=garbage)
+    pooled = band_pool(kind, tokens, padding)
+    assert pooled.shape == (3, 3, 5)
+    torch.testing.assert_close(band_pool(kind, dirty, padding), pooled)
+    for row, n in enumerate([7, 4, 2]):  # each clip alone, without padding
+        torch.testing.assert_close(band_pool(kind, tokens[row : row + 1, :n]), pooled[row : row + 1])
+
+
+def test_band_mean_is_the_masked_mean_and_gamma_0_rdp_equals_it():
+    tokens, padding = _grid_batch([6, 3])
+    expected = torch.stack([tokens[0, :6].mean(0), tokens[1, :3].mean(0)])
+    torch.testing.assert_close(band_mean(tokens, padding), expected)
+    torch.testing.assert_close(rdp_pool(tokens, padding, gamma=0.0), expected)
+    assert not torch.allclose(rdp_pool(tokens, padding), expected)  # gamma 4 does weigh the frames
+
+
+def test_rdp_hand_computed_case():
+    # one band, D = 1: frames 0, 0, 3. mean 1, deviations 1, 1, 2, r = .5, .5, 1,
+    # weights 1.5^4, 1.5^4, 2^4 = 5.0625, 5.0625, 16 (sum 26.125): 3 * 16 / 26.125
+    tokens = torch.tensor([0.0, 0.0, 3.0]).view(1, 3, 1, 1)
+    weights = rdp_weights(tokens)
+    torch.testing.assert_close(weights[0, :, 0], torch.tensor([5.0625, 5.0625, 16.0]) / 26.125)
+    torch.testing.assert_close(rdp_pool(tokens), torch.tensor([[[48.0 / 26.125]]]))
+    # the norm is over D (L2), the maximum over time, per band: band 1 is band 0 scaled, same weights
+    two = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]]]).view(1, 3, 1, 2)
+    torch.testing.assert_close(rdp_weights(two)[0, :, 0], torch.tensor([5.0625, 5.0625, 16.0]) / 26.125)
+    scaled = torch.cat([tokens, 10 * tokens], dim=2)
+    torch.testing.assert_close(rdp_weights(scaled)[0, :, 1], weights[0, :, 0])
+
+
+def test_rdp_gives_a_frame_far_from_the_mean_more_weight():
+    tokens = 0.01 * torch.randn(1, 20, 2, 4, generator=torch.Generator().manual_seed(1))
+    tokens[0, 7, 1] += 5.0  # an event in band 1 only
+    weights = rdp_weights(tokens)
+    assert weights[0, :, 1].argmax() == 7 and weights[0, 7, 1] > 2 * weights[0, :, 1].median()
+    torch.testing.assert_close(weights.sum(1), torch.ones(1, 2))
+    # the event keeps more of itself than in the mean: 16 / (19 * ~1..16 + 16) vs 1 / 20
+    assert rdp_pool(tokens)[0, 1].norm() > 1.5 * band_mean(tokens)[0, 1].norm()
+    assert torch.all(rdp_pool(tokens, gamma=8.0)[0, 1] > rdp_pool(tokens)[0, 1] - 1e-6)  # gamma sharpens
+
+
+def test_rdp_of_constant_frames_is_uniform_and_half_precision_is_pooled_in_float32():
+    constant = torch.ones(2, 5, 3, 4)
+    torch.testing.assert_close(rdp_weights(constant), torch.full((2, 5, 3), 0.2))
+    tokens, padding = _grid_batch([6, 3])
+    half = rdp_pool(tokens.bfloat16(), padding)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    big = torch.full((1, 4, 1, 8), 3e4, dtype=torch.float16)
+    big[0, 2] = -3e4  # deviations whose squares overflow fp16
+    assert torch.isfinite(rdp_pool(big)).all()
+
+
+def test_band_pool_module_and_bad_inputs():
+    tokens, padding = _grid_batch([4, 3])
+    pool = BandPool("band_rdp", gamma=2)
+    assert list(pool.parameters()) == [] and "gamma=2.0" in repr(pool)
+    torch.testing.assert_close(pool(tokens, padding), rdp_pool(tokens, padding, 2.0))
+    torch.testing.assert_close(BandPool("band_mean")(tokens, padding), band_mean(tokens, padding))
+    with pytest.raises(ValueError, match="unknown per-band pooling 'max'"):
+        BandPool("max")
+    with pytest.raises(ValueError, match="unknown per-band pooling 'max'"):
+        band_pool("max", tokens, padding)
+    for gamma in (-1.0, float("inf"), float("nan"), "four", True):
+        with pytest.raises(ValueError, match="RDP gamma must be a finite number >= 0"):
+            rdp_pool(tokens, padding, gamma=gamma)
+    with pytest.raises(ValueError, match=r"shape \[batch, time, bands, dim\]"):
+        band_mean(tokens[..., 0], padding)
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(2, 4\)"):
+        rdp_pool(tokens, padding[:, :3])
+    with pytest.raises(ValueError, match=r"clips \[0\] .* no valid time step"):
+        band_mean(tokens, torch.tensor([[True] * 4, [False] * 4]))

@@ -106,3 +106,24 @@ def test_extract_runs_on_it_and_the_cache_tells_configurations_apart(tmp_path):
         other, index, tmp_path / "run", "stats", channels=("near",), progress=False
     )
     assert cache_other != cache and not np.allclose(emb_other, emb)
+
+
+@pytest.mark.parametrize("config", ["dcase", "dcase_deltas"])
+def test_grid_tokens_give_every_mel_band_its_cell(config):
+    model = backbones.load("logmel", config=config)
+    assert model.has_grid
+    waves, lengths = _waves([16000, 9000])
+    tokens, padding = model(waves, lengths)
+    grid, grid_padding = model.grid_tokens(waves, lengths)
+    depth = 2 if model.config.deltas else 1
+    assert grid.shape == (2, tokens.shape[1], 64, depth) and torch.equal(grid_padding, padding)
+    levels, _ = model.frontend(waves, lengths)
+    valid = ~padding
+    torch.testing.assert_close(grid[..., 0][valid], levels[:, : tokens.shape[1]][valid])  # band f = mel f
+    if depth == 2:
+        delta = levels[:, 1:] - levels[:, :-1]
+        torch.testing.assert_close(grid[..., 1][valid], delta[valid])
+    # back to forward's [levels; deltas] tokens
+    torch.testing.assert_close(grid.transpose(2, 3).reshape(tokens.shape), tokens)
+    alone, _ = model.grid_tokens(waves[1:, :9000], lengths[1:])
+    torch.testing.assert_close(grid[1, valid[1]], alone[0])

@@ -363,6 +363,7 @@ class BEATs(Backbone):
 
     name = "beats"
     lora_target_modules = r"(?:.*\.)?encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj"
+    has_grid = True  # 16x16 patches: 8 frequency bands per 16 frames
 
     def __init__(self, config: BEATsConfig) -> None:
         super().__init__()
@@ -469,6 +470,23 @@ class BEATs(Backbone):
         self._no_reference(reference)
         fbank, n_frames = self.frontend(waves, lengths)
         return self.forward_features(self._augmented(fbank, n_frames, augment), n_frames)
+
+    def grid_tokens(
+        self,
+        waves: Tensor,
+        lengths: Tensor | None = None,
+        reference: Tensor | None = None,
+        reference_lengths: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``forward``'s tokens on their patch grid: ``(tokens [B, T, 8, D], padding_mask [B, T])``, T the
+        time patches (16 frames each), 8 the frequency patches (16 mel bins each, low to high). The
+        tokens are time-major (token ``t * 8 + f``), so this is a reshape; a time patch is padding for
+        all its bands at once."""
+        tokens, padding_mask = self(waves, lengths, reference=reference, reference_lengths=reference_lengths)
+        batch, n_tokens, dim = tokens.shape
+        bands = self.freq_patches
+        grid_mask = padding_mask.reshape(batch, n_tokens // bands, bands)[:, :, 0]
+        return tokens.reshape(batch, n_tokens // bands, bands, dim), grid_mask
 
     def predict(self, waves: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Class probabilities [B, predictor_class] of a fine-tuned checkpoint: the predictor on every

@@ -222,6 +222,7 @@ class Cnn(Backbone):
 
     name = "cnn"
     trains_from_scratch = True
+    has_grid = True  # grid_tokens: the spectrogram branch's last [time, frequency] map
 
     def __init__(self, config: CnnConfig) -> None:
         super().__init__()
@@ -260,12 +261,8 @@ class Cnn(Backbone):
             waves, lengths, self.window, self.mel_filters, self.config.n_fft, self.config.hop_length
         )
 
-    def forward(
-        self, waves: torch.Tensor, lengths=None, augment=None, reference=None, reference_lengths=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``augment(features, frames)`` is applied to the normalised log-mel in training mode."""
-        self._no_reference(reference)
-        waves, lengths = check_waves(waves, lengths, self.min_samples, "cnn")
+    def _feature_map(self, waves: torch.Tensor, lengths: torch.Tensor, augment=None):
+        """The last stage's map ``[B, C, T', F']`` of checked waves and its valid time steps ``[B, T']``."""
         logmel, frames = self.frontend(waves, lengths)
         valid = torch.arange(logmel.shape[1], device=logmel.device) < frames[:, None]
         x = self.input_norm(logmel.to(self.input_norm.weight.dtype), valid)
@@ -273,6 +270,30 @@ class Cnn(Backbone):
         x = x[:, None]  # [B, 1, T, F]
         for stage in self.blocks:
             x, valid = stage(x, valid)
+        return x, valid
+
+    def grid_tokens(
+        self, waves: torch.Tensor, lengths=None, reference=None, reference_lengths=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The spectrogram branch's last feature map before the frequency collapse (the token
+        projection): ``(tokens [B, T', F', C], padding_mask [B, T'])``, F' = ``n_mels / 2**stages``
+        frequency rows (low to high), C = ``channels[-1]``; padded steps are 0. ``forward``'s tokens
+        are ``token_projection`` of each step's ``[C x F']`` map. The spectrum branch is left out: its
+        one vector per clip comes from a 1-D CNN over frequency collapsed by a linear map, so it has
+        no time axis and no frequency rows aligned with the grid's."""
+        self._no_reference(reference)
+        waves, lengths = check_waves(waves, lengths, self.min_samples, "cnn")
+        x, valid = self._feature_map(waves, lengths)
+        grid = x.permute(0, 2, 3, 1)  # [B, T', F', C]
+        return grid.masked_fill(~valid[:, :, None, None], 0.0), ~valid
+
+    def forward(
+        self, waves: torch.Tensor, lengths=None, augment=None, reference=None, reference_lengths=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``augment(features, frames)`` is applied to the normalised log-mel in training mode."""
+        self._no_reference(reference)
+        waves, lengths = check_waves(waves, lengths, self.min_samples, "cnn")
+        x, valid = self._feature_map(waves, lengths, augment)
         tokens = self.token_projection(x.permute(0, 2, 1, 3).flatten(2))  # [B, T', C * F']
         if self.spectrum is not None:
             clip = self.spectrum(waves, lengths).to(tokens.dtype)

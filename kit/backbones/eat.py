@@ -97,6 +97,7 @@ class EAT(Backbone):
     name = "eat"
     # Attention projections of the blocks only: the patch Conv2d is also called ``proj``.
     lora_target_modules = r"blocks\.\d+\.attn\.(qkv|proj)"
+    has_grid = True  # 16x16 patches: 8 frequency bands per 16 frames
 
     def __init__(self, config: EATConfig, target_length: int = 1024) -> None:
         super().__init__()
@@ -179,6 +180,24 @@ class EAT(Backbone):
         features, n_frames = self.frontend(waves, lengths)
         features = self._augmented(features, n_frames, augment)
         return self.encode(features), self.padding_mask(n_frames)
+
+    def grid_tokens(
+        self,
+        waves: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+        reference_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s patch tokens without the CLS token, on their grid: ``(tokens [B, T, 8, D],
+        padding_mask [B, T])``, T = ``target_length / 16`` time patches, 8 frequency patches (16 mel
+        bins each, low to high). The patch embedding flattens time-major (token ``1 + t * 8 + f``), so
+        this is a slice and a reshape; the mask marks the time patches that hold padding alone."""
+        tokens, padding_mask = self(waves, lengths, reference=reference, reference_lengths=reference_lengths)
+        patches, patch_mask = tokens[:, 1:], padding_mask[:, 1:]
+        batch, n_patches, dim = patches.shape
+        bands = self.freq_patches
+        grid_mask = patch_mask.reshape(batch, n_patches // bands, bands)[:, :, 0]
+        return patches.reshape(batch, n_patches // bands, bands, dim), grid_mask
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Normalised fbank ``[B, 1, T, 128]`` -> all tokens ``[B, 1 + T/16 * 8, D]``."""

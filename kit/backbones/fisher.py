@@ -106,6 +106,7 @@ class Fisher(Backbone):
     """
 
     name = "fisher"
+    has_grid = True  # grid_tokens: the band encoders' patch outputs
 
     def __init__(
         self, config: FisherConfig, pad_to: int | None = None, max_frames: int | None = None
@@ -261,7 +262,11 @@ class Fisher(Backbone):
 
     def encode(self, spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Per-band CLS outputs ``[B, n_bands, D]`` of a (path-fitted) spectrum ``[B, T, F]``."""
-        batch = spec.shape[0]
+        return self._encode_bands(spec, frames)[:, 0].reshape(spec.shape[0], self.n_bands, self.embed_dim)
+
+    def _encode_bands(self, spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Every output token of every band, ``[B * n_bands, 1 + N, D]`` (CLS first, bands folded into
+        the batch clip-major, patches in the ``flatten`` order), of a path-fitted spectrum ``[B, T, F]``."""
         x = self._band_patches(spec)
         tokens = x.shape[1]
         if tokens > self.positions.shape[1]:
@@ -281,7 +286,7 @@ class Fisher(Backbone):
                 x = block(x, attend)
         if self.norm is not None:
             x = self.norm(x)
-        return x[:, 0].reshape(batch, self.n_bands, self.embed_dim)
+        return x
 
     def forward(
         self, waves: torch.Tensor, lengths=None, augment=None, reference=None, reference_lengths=None
@@ -292,6 +297,36 @@ class Fisher(Backbone):
         spec = self._augmented(spec, frames, augment)
         tokens = self.encode(spec, frames)
         return tokens, torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+    def grid_tokens(
+        self, waves: torch.Tensor, lengths=None, reference=None, reference_lengths=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The band encoders' patch outputs on one time x frequency grid: ``(tokens [B, T, n_bands *
+        freq_patches, D], padding_mask [B, T])``, T the time patches (16 frames), the frequency axis
+        each band's ``band_width // 16`` patches (16 STFT bins each; the conv drops a band's last
+        ``band_width % 16`` bins), band after band, low to high: 2 x 6 = 12 at 16 kHz.
+
+        Why this grid and not the bands alone: each band is encoded as a [time, frequency] patch
+        image, so its patch outputs keep frequency inside the band as BEATs' keep it across the
+        mel axis; ``forward``'s band CLS tokens summarise each band over time (a grid with T = 1).
+
+        Mask: on the README path (``pad_to=None``) the time patches past a clip's own whole patches
+        (what a single-clip run would not have); on the ``pad_to`` path, where padding is attended
+        as content, the time patches that hold padding alone."""
+        self._no_reference(reference)
+        spec, own = self.frontend(waves, lengths)
+        fitted, frames = self._fit_frames(spec, own)
+        patch = self.config.patch_size
+        x = self._encode_bands(fitted, frames)[:, 1:]
+        time_patches, bands, freq_patches = fitted.shape[1] // patch, self.n_bands, self.freq_patches
+        if self.config.flatten == "time":  # freq-major tokens: f * T + t
+            x = x.reshape(-1, bands, freq_patches, time_patches, self.embed_dim).transpose(2, 3)
+        grid = x.reshape(-1, bands, time_patches, freq_patches, self.embed_dim).transpose(1, 2)
+        grid = grid.reshape(-1, time_patches, bands * freq_patches, self.embed_dim)
+        index = torch.arange(time_patches, device=own.device)[None, :]
+        if self.pad_to is None:
+            return grid, index >= (frames // patch)[:, None]
+        return grid, index * patch >= own.clamp(max=self.pad_to)[:, None]
 
     def embedding(self, waves: torch.Tensor, lengths=None) -> torch.Tensor:
         """FISHER's official clip embedding: the band CLS outputs concatenated, ``[B, n_bands * D]``."""

@@ -132,6 +132,7 @@ class LogMel(Backbone):
 
     name = "logmel"
     trains_from_scratch = True  # nothing to load: no "no pretrained weights" warning
+    has_grid = True  # grid_tokens: [frames, mel bands, 1] (2 with deltas)
 
     def __init__(self, config: LogMelConfig) -> None:
         super().__init__()
@@ -169,6 +170,23 @@ class LogMel(Backbone):
             logmel, frames = torch.cat([logmel[:, :-1], delta], dim=-1), frames - 1
         padding = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
         return logmel.masked_fill(padding[:, :, None], 0.0), padding
+
+    def grid_tokens(
+        self, waves: torch.Tensor, lengths=None, reference=None, reference_lengths=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s frames with every mel band its own frequency cell: ``(tokens [B, T, n_mels,
+        D], padding_mask [B, T])``, D = 1 (the band's level in dB) or, with ``deltas``, D = 2 (the level
+        and its difference to the next frame). Per-band pooling then gives each band's (RDP-weighted)
+        mean level, and its mean change with deltas. A scalar per cell is the frame itself: nothing
+        finer exists here. Note for per-band scoring: the cosine between two 1-D cells is their sign
+        alone, so cosine-based per-band distances (BEAM) say nothing on this grid; flatten the
+        ``[n_mels, D]`` result (KNN, Mahalanobis) or use a Euclidean distance per band."""
+        tokens, padding_mask = self(waves, lengths, reference=reference, reference_lengths=reference_lengths)
+        batch, frames, _ = tokens.shape
+        # forward concatenates [levels; deltas] per frame: split them into the last axis
+        depth = 2 if self.config.deltas else 1
+        grid = tokens.reshape(batch, frames, depth, self.config.n_mels).transpose(2, 3)
+        return grid, padding_mask
 
 
 def build(config_name: str = DEFAULT_CONFIG, **options) -> LogMel:
