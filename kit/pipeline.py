@@ -262,6 +262,120 @@ def _finetuned_backbone(notebook: str) -> str | None:
     return None
 
 
+_LABELS = ("report", "assumption", "toolkit")
+# Parameters that wire a run together (names, files, what is submitted): not settings of a method.
+PLUMBING = (
+    "repo_url",
+    "drive_root",
+    "data_root",
+    "run_dir",
+    "name",
+    "require_checkpoint",
+    "branches",
+    "fuse",
+    "submit",
+    "submission_name",
+    "submission_meta",
+    "submission_dir",
+    "authors",
+)
+
+
+def _comment(line: str) -> str:
+    """The trailing ``# ...`` comment of a YAML line (a ``#`` inside quotes is not one)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[i + 1 :].strip()
+    return ""
+
+
+def _walk_labels(node, lines: list[str], path: tuple, inherited: str, out: dict) -> None:
+    """``out[path] = comment`` for every key of a composed YAML mapping, a key without a comment of
+    its own inheriting its parent's."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    merged = [value for key, value in node.value if key.value == "<<"]  # YAML merge keys (``<<: *anchor``)
+    for value in merged:
+        for part in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+            _walk_labels(part, lines, path, inherited, out)  # the file's own keys below override these
+    for key, value in node.value:
+        if key.value == "<<":
+            continue
+        here = path + (key.value,)
+        label = _comment(lines[key.start_mark.line]) or inherited
+        out[here] = label
+        _walk_labels(value, lines, here, label, out)
+
+
+def setting_labels(recipe: str) -> list[dict[tuple, str]]:
+    """Per step of a recipe file, ``{parameter path: the comment on its line}``, e.g.
+    ``{("training", "lr"): "report: AdamW, peak learning rate 5e-5"}``: the recipe's own statement of
+    where each value comes from ("report: ..." / "assumption ..."); a key without a comment inherits
+    its parent's, and the empty string means the file says nothing."""
+    path = Path(recipe) if Path(recipe).suffix else RECIPES / f"{recipe}.yaml"
+    text = path.read_text()
+    lines = text.splitlines()
+    root = yaml.compose(text, Loader=_Loader)
+    steps = next((v for k, v in root.value if k.value == "steps"), None)
+    labels = []
+    for step in steps.value if steps is not None else []:
+        params = next((v for k, v in step.value if k.value == "params"), None)
+        found: dict[tuple, str] = {}
+        if params is not None:
+            _walk_labels(params, lines, (), "", found)
+        labels.append(found)
+    return labels
+
+
+def source_of(label: str) -> str:
+    """``report`` / ``assumption`` from a recipe comment, ``recipe`` for a comment that is neither
+    (or none)."""
+    word = label.split(":")[0].split()[0].lower() if label.strip() else ""
+    return word if word in _LABELS else "recipe"
+
+
+def _flatten(params: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value and key not in ("submission_meta", "submit"):
+            out |= _flatten(value, prefix + (key,))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+_DERIVED = {("training", "name"), ("training", "backbone"), ("training", "checkpoint")}  # the step's own
+
+
+def annotated_settings(recipe: str, overrides: list[str] = ()) -> list[dict]:
+    """Every effective setting of every step with where it comes from: ``[{notebook, settings:
+    [(dotted name, value, source, note)]}]``; source is ``report`` / ``assumption`` (the recipe's
+    comment says so), ``recipe`` (set by the file without saying), ``override`` (``--set``) or
+    ``default`` (the notebook's or the config's default, the recipe does not set it)."""
+    steps = effective_settings(recipe, overrides)
+    labels = setting_labels(recipe)
+    overridden = [(_parse_override(text)[0], tuple(_parse_override(text)[1])) for text in overrides]
+    out = []
+    for step, found in zip(steps, labels):
+        rows = []
+        for path, value in _flatten(step["params"]).items():
+            if path[0] in ("repo_url", "drive_root", "data_root", "run_dir") or path in _DERIVED:
+                continue
+            if any(_is_notebook(step, nb) and path[: len(p)] == p for nb, p in overridden):
+                source, note = "override", ""
+            else:
+                note = found.get(path, "")
+                source = source_of(note) if path in found else "default"
+            rows.append((".".join(path), value, source, note))
+        out.append({"notebook": step["notebook"], "settings": rows})
+    return out
+
+
 def effective_settings(recipe: str, overrides: list[str] = ()) -> list[dict]:
     """What every step of a recipe runs with: the notebook's parameter defaults with the recipe's
     (and the overrides') values laid over them; for a fine-tuning step also ``training`` and
@@ -448,7 +562,10 @@ def build_parser(prog: str = "python -m kit.pipeline") -> argparse.ArgumentParse
     )
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the notebooks and their parameters, run nothing"
+        "--dry-run",
+        action="store_true",
+        help="print the notebooks and every effective setting with its source (report, assumption, "
+        "recipe, override, default), run nothing",
     )
     return parser
 
@@ -458,11 +575,24 @@ def default_run_dir(recipe: str) -> Path:
     return REPO / "runs" / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _print_plan(plan: list[dict]) -> None:
+def _print_plan(plan: list[dict], annotated: list[dict]) -> None:
+    """Each step's notebook and target, then every effective setting (defaults included) with its
+    source, so the whole system is visible before a long run."""
+    by_notebook = {}
+    for step in annotated:
+        by_notebook.setdefault(step["notebook"], []).append(step["settings"])
     for step in plan:
         print(f"{step['label']} -> {step['target']}")
-        text = yaml.safe_dump(step["params"], sort_keys=False, default_flow_style=None, width=100)
-        print("".join(f"    {line}\n" for line in text.splitlines()), end="")
+        rows = [(key, step["params"][key], "run", "") for key in ("data_root", "run_dir")]
+        rows += by_notebook.get(step["notebook"], [[]]).pop(0)
+        lines = []
+        for name, value, source, note in rows:
+            shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            shown = shown[: -len("...")].strip() if shown.endswith("...") else shown
+            lines.append((f"{name}: {shown}", source, note if source in _LABELS else ""))
+        width = min(max(len(text) for text, _, _ in lines), 60)
+        for text, source, note in lines:
+            print(f"    {text:{width}s}  [{source}]" + (f" {note}" if note else ""))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -483,7 +613,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.recipe)
         only = args.only.split(",") if args.only else None
         if args.dry_run:
-            _print_plan(plan_recipe(args.recipe, data_root, run_dir, overrides=args.set, only=only))
+            plan = plan_recipe(args.recipe, data_root, run_dir, overrides=args.set, only=only)
+            _print_plan(plan, annotated_settings(args.recipe, args.set))
             return 0
         from papermill.exceptions import PapermillExecutionError
 

@@ -119,9 +119,12 @@ def test_run_all_sets_a_key_inside_a_mapping_parameter():
     )
     if mapping is None:
         pytest.skip(f"notebook {notebook} declares no mapping parameter")
-    result = run_all("--only", "07", "--set", f"07.{mapping}.some_key=5", "--dry-run")
+    result = run_all("--only", "07", "--set", f"07.{mapping}.warmup_steps=5", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "some_key: 5" in result.stdout
+    assert "warmup_steps: 5" in result.stdout
+    # the notebook's other keys of that mapping stay (its CPU preset's lr, not TrainConfig's default)
+    lr = pipeline.notebook_parameters(notebook)[mapping]["lr"]
+    assert f"{mapping}.lr: {lr}" in result.stdout
 
 
 def test_run_all_runs_notebook_01_for_real(tmp_path):

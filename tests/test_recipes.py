@@ -264,3 +264,46 @@ def test_a_development_only_root_gives_results_and_says_why_there_is_no_submissi
     assert "beats_arcface-knn-near" in set(pd.read_csv(run_dir / "results.csv")["system"])
     assert "no evaluation test clips" in manifest.read(run_dir)["submission"]["skipped"]
     assert not (tmp_path / "subs").exists()
+
+
+@pytest.mark.parametrize("recipe", REPORT_RECIPES + list(VARIANT_RECIPES))
+def test_every_value_a_report_recipe_sets_says_where_it_comes_from(recipe, checkpoints):
+    """A report recipe labels each value it sets "report", "assumption" or "toolkit" (a toolkit
+    addition); what it does not set is shown as a default, so --dry-run shows the whole system."""
+    unlabelled = []
+    for step in pipeline.annotated_settings(recipe):
+        sources = {name: source for name, _, source, _ in step["settings"]}
+        assert set(sources.values()) <= {"report", "assumption", "toolkit", "recipe", "default"}
+        unlabelled += [
+            f"{step['notebook']}: {name}"
+            for name, source in sources.items()
+            if source == "recipe" and name.split(".")[0] not in pipeline.PLUMBING
+        ]
+        if "training.lr" in sources:  # every TrainConfig field is shown, defaults included
+            shown = {name.split(".")[1] for name in sources if name.startswith("training.")}
+            assert shown | {"name", "backbone", "checkpoint"} >= set(train.TrainConfig.fields())
+    assert not unlabelled, unlabelled
+
+
+def test_the_lora_recipes_label_the_full_fine_tuning_values_as_assumptions(checkpoints):
+    """The EAT-ASP report gives lr, steps and batch for full fine-tuning only."""
+    for recipe, mode_source in (("eat_asp_2", "report"), ("eat_asp_1", "report")):
+        (eat,) = [s for s in pipeline.annotated_settings(recipe) if s["notebook"].startswith("03")]
+        sources = {name: source for name, _, source, _ in eat["settings"]}
+        lora = recipe == "eat_asp_2"
+        for name in ("training.lr", "training.steps", "training.batch_size", "training.head_lr_scale"):
+            assert sources[name] == ("assumption" if lora else "report"), (recipe, name)
+        assert sources["training.mode"] == mode_source
+        assert sources["training.grad_clip"] == sources["training.weight_decay"] == "assumption"
+        assert ("training.lora_targets" in sources) and (sources["training.lora_targets"] != "recipe")
+
+
+def test_dry_run_shows_every_setting_with_its_source(checkpoints, capsys):
+    assert pipeline.main(["eat_asp_2", "--only", "03", "--dry-run", "--set", "03.training.seed=4"]) == 0
+    out = capsys.readouterr().out
+    assert "training.lr" in out and "[assumption] assumption: the report gives this for full" in out
+    assert "training.mode" in out and "[report] report: LoRA" in out
+    seed = next(line for line in out.splitlines() if "training.seed:" in line)
+    assert "training.seed: 4" in seed and "[override]" in seed
+    precision = next(line for line in out.splitlines() if "training.precision:" in line)
+    assert precision.rstrip().endswith("[default]")
