@@ -12,18 +12,19 @@ When Zenodo's API answers, the file names, sizes and md5 checksums come from the
 above are used and only what the server sends can be checked.
 
 :func:`fetch` streams one URL into ``<target>.part``, resumes an interrupted transfer with an HTTP
-``Range`` request, verifies size and md5 and only then renames the part onto the target, so a target
-that exists is always complete. :func:`unpack` places an archive's ``<machine>/train``, ``<machine>/test``
+``Range`` request, verifies size and md5 (or sha256) and only then renames the part onto the target, so
+a target that exists is always complete (``kit.checkpoints`` fetches the backbone releases with it). :func:`unpack` places an archive's ``<machine>/train``, ``<machine>/test``
 and ``attributes_00.csv`` in the layout of the official baseline::
 
     <root>/dev_data/raw/<machine>/...      (development archives)
     <root>/eval_data/raw/<machine>/...     (both evaluation parts, merged)
 
-:func:`download` does both for a selection of parts and machines, keeping the zips in
-``<root>/archives/`` beside a small ``<zip>.unpacked.json`` note per archive so that a re-run skips
-what is already in place. Command line::
+:func:`download` does both for a selection of parts and machines. Each zip is deleted once it is
+unpacked (the data would otherwise take twice its space, which a 15 GB Drive cannot hold;
+``--keep-zips`` keeps them); a small ``<root>/archives/<zip>.unpacked.json`` note per archive lets a
+re-run skip what is already in place without downloading it again. Command line::
 
-    python -m kit.download ROOT [--dev] [--eval-train] [--eval-test] [--machines fan ToyCar ...]
+    python -m kit.download ROOT [--dev] [--eval-train] [--eval-test] [--machines fan ToyCar ...] [--keep-zips]
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def fetch(
     *,
     expected_size: int | None = None,
     md5: str | None = None,
+    sha256: str | None = None,
     progress: bool = True,
     chunk: int = 1 << 20,
     timeout: float = 60.0,
@@ -136,16 +138,16 @@ def fetch(
     """Download ``url`` to ``target`` and return ``target``.
 
     Bytes go to ``<target>.part``; a part left by an interrupted run is resumed with a ``Range``
-    request (a server that ignores it and answers 200 is read from the first byte again). The size
-    and md5, when given, are checked before the part is renamed onto ``target``; a mismatch removes
-    the part and raises :class:`ChecksumError`. An existing ``target`` that passes the checks is
+    request (a server that ignores it and answers 200 is read from the first byte again). The size,
+    md5 and sha256, when given, are checked before the part is renamed onto ``target``; a mismatch
+    removes the part and raises :class:`ChecksumError`. An existing ``target`` that passes the checks is
     returned without any network access. Network failures raise :class:`DownloadError`; the part is
     kept so that the next call resumes.
     """
     target = Path(target)
-    md5 = md5.lower() if md5 else None
+    digests = {name: value.lower() for name, value in (("md5", md5), ("sha256", sha256)) if value}
     if target.exists():
-        problem = _verify(target, expected_size, md5)
+        problem = _verify(target, expected_size, digests)
         if problem is None:
             return target
         warnings.warn(f"{target} exists but {problem}: downloading it again", stacklevel=2)
@@ -158,7 +160,7 @@ def fetch(
         offset = 0
     if expected_size is None or offset < expected_size:
         _stream(url, part, offset, expected_size, progress=progress, chunk=chunk, timeout=timeout)
-    problem = _verify(part, expected_size, md5)
+    problem = _verify(part, expected_size, digests)
     if problem is not None:
         part.unlink()
         raise ChecksumError(
@@ -169,24 +171,30 @@ def fetch(
     return target
 
 
-def _verify(path: Path, expected_size: int | None, md5: str | None) -> str | None:
-    """None when ``path`` matches the expected size and md5 (unknown values pass), else what differs."""
+def _verify(path: Path, expected_size: int | None, digests: dict[str, str]) -> str | None:
+    """None when ``path`` matches the expected size and digests (``{"md5": hex, "sha256": hex}``;
+    unknown values pass), else what differs."""
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
         return f"its size is {size} bytes, expected {expected_size}"
-    if md5 is not None:
-        digest = _md5(path)
-        if digest != md5:
-            return f"its md5 is {digest}, expected {md5}"
+    for algorithm, expected in digests.items():
+        digest = file_digest(path, algorithm)
+        if digest != expected:
+            return f"its {algorithm} is {digest}, expected {expected}"
     return None
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
+def file_digest(path: str | os.PathLike, algorithm: str = "md5") -> str:
+    """The hex digest of a file (``md5``, ``sha256``, ...), read in blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _md5(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def _request(url: str, offset: int, timeout: float):
@@ -547,7 +555,7 @@ def download(
     *,
     datasets: Iterable[str] = ("dev",),
     machines: Iterable[str] | None = None,
-    keep_zips: bool = True,
+    keep_zips: bool = False,
     progress: bool = True,
     api_base: str | None = ZENODO_API,
     files_base: str = ZENODO_FILES,
@@ -555,9 +563,10 @@ def download(
 ) -> list[Path]:
     """Download and unpack the chosen parts and machines under ``root``; return the machine folders.
 
-    Zips are kept in ``<root>/archives/`` (deleted after unpacking with ``keep_zips=False``); an
-    ``<zip>.unpacked.json`` note beside them lists the files each archive put in place, so a re-run
-    skips an archive whose files are all there and whose record checksum has not changed.
+    Zips are downloaded into ``<root>/archives/`` and deleted once unpacked (kept with
+    ``keep_zips=True``); an ``<zip>.unpacked.json`` note there lists the files each archive put in place,
+    so a re-run skips an archive whose files are all there and whose record checksum has not changed,
+    whether or not its zip was kept.
     """
     root = Path(root)
     say = log or (lambda message: None)
@@ -641,7 +650,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m kit.download"
     parser.add_argument(
         "--machines", nargs="+", metavar="MACHINE", help="only these machine types (default: all)"
     )
-    parser.add_argument("--delete-zips", action="store_true", help="delete each zip once it is unpacked")
+    parser.add_argument(
+        "--keep-zips",
+        action="store_true",
+        help="keep each zip in ROOT/archives/ after unpacking (default: delete it, the data would "
+        "otherwise take twice its space)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--api-base", default=ZENODO_API, help="Zenodo records API (for a mirror)")
     parser.add_argument("--files-base", default=ZENODO_FILES, help="Zenodo file URLs' base (for a mirror)")
@@ -656,7 +670,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m kit.download"
             args.root,
             datasets=parts,
             machines=args.machines,
-            keep_zips=not args.delete_zips,
+            keep_zips=args.keep_zips,
             progress=not args.no_progress,
             api_base=args.api_base,
             files_base=args.files_base,

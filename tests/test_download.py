@@ -19,6 +19,7 @@ from kit.download import (
     archives,
     download,
     fetch,
+    file_digest,
     main,
     unpack,
 )
@@ -315,7 +316,10 @@ def test_download_with_the_record_api_then_skips_on_a_rerun(server, tmp_path):
     )
     assert download(tmp_path, **options) == [tmp_path / "eval_data" / "raw" / "ToyDrone"]
     assert (tmp_path / "eval_data/raw/ToyDrone/test/section_00_source_test_anomaly_0000_spd_1.wav").is_file()
-    assert (tmp_path / "archives" / "eval_data_ToyDrone_test.zip").read_bytes() == data
+    # the zip is deleted once unpacked (a Drive cannot hold the data twice); the note stays
+    assert sorted(p.name for p in (tmp_path / "archives").iterdir()) == [
+        "eval_data_ToyDrone_test.zip.unpacked.json"
+    ]
     downloads = [path for path, _ in server.requests if path.startswith("/records/")]
     download(tmp_path, **options)
     assert [path for path, _ in server.requests if path.startswith("/records/")] == downloads
@@ -334,7 +338,6 @@ def test_download_falls_back_to_static_names_without_the_api(server, tmp_path, c
     folders = download(
         tmp_path,
         machines=["fan"],
-        keep_zips=False,
         api_base=f"http://127.0.0.1:{closed_port}/api/records",
         files_base=f"{server.base}/records",
         progress=False,
@@ -342,7 +345,7 @@ def test_download_falls_back_to_static_names_without_the_api(server, tmp_path, c
     )
     assert folders == [tmp_path / "dev_data" / "raw" / "fan"]
     assert any("not reachable" in m and "static file names" in m for m in messages)
-    assert not (tmp_path / "archives" / "dev_fan.zip").exists()  # keep_zips=False
+    assert not (tmp_path / "archives" / "dev_fan.zip").exists()  # deleted by default
     # The note left beside the deleted zip lets a re-run skip it without downloading again.
     n_requests = len(server.requests)
     download(
@@ -376,5 +379,32 @@ def test_command_line_downloads_both_evaluation_parts(server, tmp_path, capsys):
         "test",
         "train",
     ]
+    assert not list((tmp_path / "archives").glob("*.zip"))
+    assert (
+        main(
+            [
+                str(tmp_path / "kept"),
+                "--eval-test",
+                "--machines",
+                "Sander",
+                "--keep-zips",
+                "--no-progress",
+                *mirror,
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "kept" / "archives" / "eval_data_Sander_test.zip").is_file()
     assert main([str(tmp_path), "--machines", "Sander", "--no-progress", *mirror]) == 1
     assert "error: machine(s) ['Sander'] are not in the part(s) dev" in capsys.readouterr().err
+
+
+def test_fetch_verifies_a_sha256(server, tmp_path):
+    data = b"checkpoint bytes" * 100
+    server.files["/ckpt.pt"] = data
+    good = hashlib.sha256(data).hexdigest()
+    target = fetch(f"{server.base}/ckpt.pt", tmp_path / "ckpt.pt", sha256=good.upper(), progress=False)
+    assert target.read_bytes() == data and file_digest(target, "sha256") == good
+    with pytest.raises(ChecksumError, match=f"sha256 is {good}, expected {'0' * 64}"):
+        fetch(f"{server.base}/ckpt.pt", tmp_path / "other.pt", sha256="0" * 64, progress=False)
+    assert not (tmp_path / "other.pt").exists() and not (tmp_path / "other.pt.part").exists()
