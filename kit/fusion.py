@@ -9,10 +9,22 @@ errors), so before they are added each is standardised per (dataset, machine, se
 * ``by="test"``: with the statistics of the test clips themselves; needs no labels and no training
   scores, but moves with the test set's anomaly share.
 
-The fused score of a clip is a weighted mean of its normalised branch scores (or their mean or
-maximum, rules that need no labels). ``search_weights`` picks the non-negative weights by Bayesian
-optimisation (package ``bayesian-optimization``) to maximise the official score (``kit.metrics``) on
-the development test clips.
+The fused score of a clip is a weighted mean of its normalised branch scores. Rules that need no
+labels: ``mean``, ``max``, and ``agreement``, which weights each branch per (dataset, machine,
+section) by how much it agrees with the others on that section's test clips (below): a branch that
+ranks the clips at random agrees with nobody and gets about no weight, so a weak branch no longer drags
+the mean. ``search_weights`` picks the non-negative weights by Bayesian optimisation (package
+``bayesian-optimization``) to maximise the official score (``kit.metrics``) on the development test
+clips: fitted on labels.
+
+The ``agreement`` weights are the spectral meta-learner of Parisi, Strino, Nadler and Kluger
+("Ranking and combining multiple predictors without labeled data", PNAS 2014). If branches err
+independently given the (unknown) label, the covariance between two branches' ranks of the test clips
+is ``v_i v_j`` off the diagonal, with ``v_i`` proportional to how well branch i separates normal from
+anomalous clips (its balanced accuracy or AUC minus a half). So the leading eigenvector of that
+covariance, with its diagonal fitted to the rank-one model, estimates every branch's quality without a
+label; its positive part, normalised, weights the branches' training-standardised scores. With fewer
+than three branches the model cannot be identified and the rule is the mean.
 """
 
 from __future__ import annotations
@@ -35,7 +47,8 @@ from kit.files import write_text_atomic
 from kit.scoring import CLIP_KEY, SCORE_COLUMNS
 
 NORMALISE_BY = ("train", "test")
-LABEL_FREE_RULES = ("mean", "max")
+LABEL_FREE_RULES = ("mean", "max", "agreement")
+AGREEMENT_GROUP = ["dataset", "machine", "section"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,6 +163,44 @@ def _weight_vector(weights: Mapping[str, float], names: list[str]) -> np.ndarray
     return vector / vector.sum()
 
 
+def _rank_one(cov: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """``v`` with ``v v^T`` fitting ``cov`` off its diagonal: the diagonal is replaced by the model's
+    own (``v_i^2``) until it settles; the sign makes the sum of ``v`` positive."""
+    fitted = cov.copy()
+    k = len(cov)
+    off = cov[~np.eye(k, dtype=bool)].reshape(k, k - 1)
+    np.fill_diagonal(fitted, np.abs(off).mean(axis=1))
+    v = np.zeros(k)
+    for _ in range(iterations):
+        values, vectors = np.linalg.eigh(fitted)
+        new = vectors[:, -1] * math.sqrt(max(values[-1], 0.0))
+        if np.allclose(new**2, np.diag(fitted), rtol=1e-6, atol=1e-12):
+            v = new
+            break
+        v = new
+        np.fill_diagonal(fitted, v**2)
+    return v if v.sum() >= 0 else -v
+
+
+def agreement_weights(clips: pd.DataFrame, matrix: np.ndarray) -> pd.DataFrame:
+    """The ``agreement`` rule's weights: one row per (dataset, machine, section) with a weight per
+    branch column of ``matrix`` (``w0``, ``w1``, ...), from that section's test clips alone (no
+    label is read). Equal weights where fewer than three branches or fewer than four test clips give
+    nothing to fit, or where no branch agrees with the others."""
+    k = matrix.shape[1]
+    rows = []
+    for key, group in clips.groupby(AGREEMENT_GROUP, sort=False):
+        test = group.index[(group["split"] == "test").to_numpy()].to_numpy()
+        weights = np.full(k, 1.0 / k)
+        if k >= 3 and len(test) >= 4:
+            ranks = pd.DataFrame(matrix[test]).rank(axis=0).to_numpy() / len(test)
+            quality = np.clip(_rank_one(np.cov(ranks, rowvar=False)), 0.0, None)
+            if quality.sum() > 0:
+                weights = quality / quality.sum()
+        rows.append({**dict(zip(AGREEMENT_GROUP, key)), **{f"w{i}": w for i, w in enumerate(weights)}})
+    return pd.DataFrame(rows)
+
+
 def fuse(
     branch_scores: Mapping[str, pd.DataFrame],
     weights: Mapping[str, float] | str = "mean",
@@ -160,7 +211,8 @@ def fuse(
     Each branch is first normalised (``normalise(..., by=normalise_by)``; ``None`` when the branches
     are normalised already). ``weights``: a dict name -> non-negative weight (a weighted mean: the
     weights are divided by their sum, so weight 1 on one branch returns that branch), or a
-    label-free rule, ``"mean"`` or ``"max"`` (elementwise maximum). Clips are matched by (dataset,
+    label-free rule, ``"mean"``, ``"max"`` (elementwise maximum) or ``"agreement"`` (a weighted mean
+    with ``agreement_weights`` per section, see the module docstring). Clips are matched by (dataset,
     machine, section, split, file_name); branches must cover the same clips. The ``channel`` column
     is kept when every branch has the same, else it reads ``"fused"``.
     """
@@ -168,7 +220,12 @@ def fuse(
     if isinstance(weights, str):
         if weights not in LABEL_FREE_RULES:
             raise ValueError(f"weights must be a dict or one of {LABEL_FREE_RULES}, got {weights!r}")
-        fused = matrix.mean(axis=1) if weights == "mean" else matrix.max(axis=1)
+        if weights == "agreement":
+            table = agreement_weights(clips, matrix)
+            per_row = clips[AGREEMENT_GROUP].merge(table, on=AGREEMENT_GROUP, how="left")
+            fused = (matrix * per_row[[f"w{i}" for i in range(len(names))]].to_numpy()).sum(axis=1)
+        else:
+            fused = matrix.mean(axis=1) if weights == "mean" else matrix.max(axis=1)
     else:
         fused = matrix @ _weight_vector(weights, names)
     return clips.assign(score=fused)[SCORE_COLUMNS]

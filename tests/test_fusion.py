@@ -204,3 +204,26 @@ def test_held_out_fusion_scores_each_clip_with_weights_not_fitted_on_it():
     assert len(half_weights) == 2 and np.isfinite(halves["score"]).all()
     with pytest.raises(ValueError, match="two or more development machine types"):
         fusion.held_out_fusion(one, folds="machine", progress=False)
+
+
+def test_the_agreement_rule_finds_the_informative_branches_without_labels():
+    """Three branches that separate anomalies (independent noise) and two that rank at random: the
+    agreement weights go to the three, and the fusion beats the plain mean the random two drag down."""
+    branches = {f"good{i}": branch(1.2, seed=i) for i in range(3)}
+    branches |= {f"noise{i}": branch(0.0, scale=3.0, seed=10 + i) for i in range(2)}
+    clips, matrix, names = fusion._aligned(branches, "train")
+    table = fusion.agreement_weights(clips.drop(columns="label"), matrix)  # no label is read
+    assert len(table) == 2  # one row per (dataset, machine, section)
+    weights = table[[f"w{i}" for i in range(5)]].to_numpy()
+    assert np.allclose(weights.sum(axis=1), 1.0)
+    assert weights[:, :3].sum(axis=1).min() > 0.85 and weights[:, :3].min() > 0.05
+    agreement = fusion.official_objective(fusion.fuse(branches, "agreement").query("split == 'test'"))
+    mean = fusion.official_objective(fusion.fuse(branches, "mean").query("split == 'test'"))
+    assert agreement > mean + 0.03
+
+
+def test_the_agreement_rule_is_the_mean_where_it_cannot_be_fitted():
+    two = {"a": branch(1.0, seed=1), "b": branch(0.5, seed=2)}
+    pd.testing.assert_frame_equal(fusion.fuse(two, "agreement"), fusion.fuse(two, "mean"))
+    v = fusion._rank_one(np.outer([0.3, 0.2, 0.1], [0.3, 0.2, 0.1]) + np.diag([0.5, 0.5, 0.5]))
+    assert np.allclose(v, [0.3, 0.2, 0.1], atol=1e-3)  # the diagonal does not enter the fit
