@@ -516,15 +516,10 @@ def _one_section(group: pd.DataFrame, machine: str, section: str) -> dict[str, f
                 y_true[in_domain], group["decision"].to_numpy()[in_domain]
             )
             values |= {f"precision_{domain}": precision, f"recall_{domain}": recall, f"f1_{domain}": f1}
-    three = [values["auc_source"], values["auc_target"], values["pauc"]]
-    aucs = [values["auc_source"], values["auc_target"]]
-    values |= {
-        "hmean": _floored_hmean(three),
-        "amean": float(np.mean(three)),
-        "hmean_auc": _floored_hmean(aucs),
-        "amean_auc": float(np.mean(aucs)),
-    }
-    return values
+    return values | _means(
+        [values["auc_source"], values["auc_target"], values["pauc"]],
+        [values["auc_source"], values["auc_target"]],
+    )
 
 
 def section_metrics(scores: pd.DataFrame) -> pd.DataFrame:
@@ -555,13 +550,18 @@ def _aggregate(sections: pd.DataFrame) -> dict[str, float]:
         if column in sections.columns:
             column_values = sections[column].to_numpy(float)
             values[column] = _floored_hmean(column_values) if np.isfinite(column_values).all() else np.nan
-    values |= {
+    return values | _means(three, aucs)
+
+
+def _means(three, aucs) -> dict[str, float]:
+    """The summary means of a section or of many: the official hmean (and amean) of every AUC(source),
+    AUC(target) and pAUC value, and the means of the domain AUCs alone."""
+    return {
         "hmean": official_score(three),
         "amean": float(np.mean(three)),
         "hmean_auc": _floored_hmean(aucs),
         "amean_auc": float(np.mean(aucs)),
     }
-    return values
 
 
 def results_table(per_system: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
