@@ -276,3 +276,56 @@ def test_grid_tokens_put_each_patch_at_its_time_and_frequency(flatten):
     assert base.shape == (1, 5, 2 * 6, model.embed_dim)
     differs = (base - moved).abs().amax(-1)[0] > 1e-6
     assert differs.nonzero().tolist() == [[2, 6 + 2]]
+
+
+def _hugging_face_folder(folder, release, *, prefix, weights, nested):
+    """The release weights and cfg in a Hugging Face layout: config.json (the release cfg['model'] at its
+    top level beside the PretrainedConfig keys, or nested under cfg.model) and model.safetensors or
+    pytorch_model.bin, the keys under ``prefix`` (a wrapper module's attribute)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    model_cfg = release["cfg"]["model"]
+    fields = {"cfg": {"model": model_cfg}} if nested else dict(model_cfg)
+    fields |= {"architectures": ["FISHERModel"], "model_type": "fisher", "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(fields))
+    state = {prefix + key: value.contiguous() for key, value in release["model"].items()}
+    if weights == "model.safetensors":
+        save_file(state, str(folder / weights))
+    else:
+        torch.save(state, folder / weights)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("prefix", "weights", "nested"),
+    [
+        ("model.", "model.safetensors", False),
+        ("", "pytorch_model.bin", True),
+        ("fisher.", "model.safetensors", True),
+    ],
+)
+def test_hugging_face_layouts_load_to_the_same_outputs(
+    tmp_path, release, models, audio, prefix, weights, nested
+):
+    folder = _hugging_face_folder(
+        tmp_path / "FISHER-small-0723", release, prefix=prefix, weights=weights, nested=nested
+    )
+    model = backbones.load("fisher", folder).eval()
+    assert model.pretrained
+    wave = audio["a"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(wave)[0], models["nopad"](wave)[0], rtol=0, atol=0)
+
+
+def test_a_hugging_face_folder_without_a_fisher_config_names_the_layouts(tmp_path, release):
+    import json
+
+    folder = _hugging_face_folder(
+        tmp_path / "hf", release, prefix="", weights="model.safetensors", nested=False
+    )
+    (folder / "config.json").write_text(json.dumps({"model_type": "eat", "depth": 12}))
+    with pytest.raises(CheckpointError, match=r"no FISHER configuration .*release \.pt file .*torch\.save"):
+        fisher.from_checkpoint(folder)

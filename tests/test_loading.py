@@ -121,3 +121,55 @@ def test_filters_are_pure_functions_of_what_was_read(backbone_fixtures):
         loading.read_checkpoint(backbone_fixtures / "eat_fairseq.pt", "EAT")
     )
     assert config == fairseq_config and state.keys() == fairseq_state.keys()
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        b"<!DOCTYPE html><html><head><title>OneDrive</title>",
+        b"\n  <html lang='en'>",
+        b"<?xml version='1.0'?>",
+    ],
+)
+def test_a_web_page_is_named_as_such_with_what_to_do(tmp_path, page):
+    path = tmp_path / "BEATs_iter3_plus_AS2M.pt"
+    path.write_bytes(page + b" sign in to download " * 50)
+    with pytest.raises(
+        CheckpointError, match=r"BEATs_iter3_plus_AS2M\.pt is a web page \(HTML\), not a X"
+    ) as info:
+        loading.read_checkpoint(path, "X")
+    message = str(info.value)
+    assert "download the file" in message and "dcase-kit checkpoints" in message
+    assert "weights_only" not in message and path.exists()  # a file the user gave is never deleted
+
+
+def test_a_web_page_downloaded_into_the_cache_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "DEFAULT_CACHE", tmp_path)
+    (tmp_path / "urls").mkdir()
+    path = tmp_path / "urls" / "model.pt"
+    path.write_bytes(b"<!doctype html><p>redirect</p>")
+    with pytest.raises(CheckpointError, match="removed from the cache"):
+        loading.read_checkpoint(path, "X")
+    assert not path.exists()  # the next attempt downloads again instead of reading the page
+
+
+def test_read_errors_never_suggest_turning_weights_only_off(tmp_path):
+    """torch.load's message advises weights_only=False (which runs the file's pickled code): never passed on."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError) as info:
+        loading.read_checkpoint(tmp_path / "junk.pt", "X")
+    message = str(info.value)
+    assert "weights_only" not in message and "trusted source" not in message and "allowlist" not in message
+    assert "junk.pt: not a readable torch checkpoint" in message and "a safe read" in message
+    try:
+        torch.load(tmp_path / "junk.pt", weights_only=True)
+    except Exception as err:  # the raw advice, as torch words it, is stripped by describe_load_error
+        assert "weights_only" in str(err) and "weights_only" not in loading.describe_load_error(err)
+
+
+def test_a_hugging_face_folder_may_hold_pytorch_model_bin(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"width": 3}))
+    torch.save(_tiny_state(), tmp_path / "pytorch_model.bin")
+    assert loading.checkpoint_file(tmp_path, "X") == tmp_path
+    raw = loading.read_checkpoint(tmp_path, "X")
+    assert raw["config.json"] == {"width": 3} and set(raw["model.safetensors"]) == set(_tiny_state())

@@ -29,9 +29,13 @@ Two paths, chosen by ``pad_to``; they give DIFFERENT embeddings for clips shorte
   spectrum is zero-padded (or cut) to ``pad_to`` frames first, and the padding is attended to as
   content, as in their code. Every clip is padded on its own, so a batch needs no mask.
 
-Checkpoints: the released ``.pt`` files, ``{"cfg": {"model": {...}}, "model": state_dict}``; the
-number of heads comes from ``cfg`` (the weights do not tell it). :func:`filter_state` maps the release
-key names onto this module's names explicitly; :mod:`kit.backbones.loading` checks them strictly.
+Checkpoints: the released ``.pt`` files, ``{"cfg": {"model": {...}}, "model": state_dict}`` (the files
+the FISHER README links), and the Hugging Face repos (``jiangab/FISHER-{tiny,mini,small}-0723``: a folder
+with ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``; the configuration is read at the
+top level of ``config.json`` or under ``cfg`` / ``model`` / ``cfg.model``, and weights saved by a wrapper
+module under one name prefix, such as ``model.``, lose it). The number of heads comes from the
+configuration (the weights do not tell it). :func:`filter_state` maps the release key names onto this
+module's names explicitly; :mod:`kit.backbones.loading` checks them strictly.
 """
 
 from __future__ import annotations
@@ -402,12 +406,58 @@ def _release_config(model_cfg: dict) -> FisherConfig:
         raise CheckpointError(f"inconsistent FISHER cfg: {err}") from err
 
 
+LAYOUTS_HELP = (
+    "FISHER loads the release .pt file ({'cfg': {'model': {...}}, 'model': state_dict}, the file the FISHER "
+    "README links) or a Hugging Face folder (config.json holding that cfg['model'] + model.safetensors or "
+    "pytorch_model.bin with the release's weight names, optionally under one prefix such as 'model.'); "
+    "another layout converts with torch.save({'cfg': {'model': cfg}, 'model': state_dict}, 'fisher.pt')"
+)
+_RELEASE_ROOTS = ("modality_encoders.", "blocks.")  # where the release's weight names start
+
+
+def _hf_model_cfg(fields: dict) -> dict:
+    """The release's ``cfg['model']`` in a Hugging Face ``config.json``: at its top level (the fields of a
+    ``PretrainedConfig``) or nested under ``cfg``, ``model`` or ``cfg.model``."""
+    for path in ((), ("cfg",), ("model",), ("cfg", "model")):
+        node = fields
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and "band_width" in node:
+            return node
+    raise CheckpointError(
+        "config.json holds no FISHER configuration (no 'band_width' at its top level nor under 'cfg', "
+        f"'model' or 'cfg.model'; an EAT folder loads with kit.backbones.load('eat', ...)). {LAYOUTS_HELP}"
+    )
+
+
+def _release_names(weights: dict) -> dict:
+    """Weights saved by a wrapper module (``model.blocks.0....``) under the release's names: one prefix
+    shared by every key, ending where the first release name starts, is dropped."""
+    if all(str(key).startswith(_RELEASE_ROOTS) for key in weights):
+        return dict(weights)
+    for key in map(str, weights):
+        starts = [key.find("." + root) + 1 for root in _RELEASE_ROOTS if "." + root in key]
+        if starts:
+            prefix = key[: min(starts)]
+            if all(str(k).startswith(prefix) for k in weights):
+                return {str(k)[len(prefix) :]: v for k, v in weights.items()}
+            break
+    return dict(weights)  # the strict load names the keys that do not fit
+
+
 def filter_state(raw: object) -> tuple[FisherConfig, dict]:
-    """A read release file (``{"cfg": {"model": {...}}, "model": state_dict}``) -> (config, state dict
-    in this module's names). The number of heads comes from ``cfg`` (the weights do not tell it);
-    BEATs and EAT files are recognised and refused by name."""
+    """A read release file (``{"cfg": {"model": {...}}, "model": state_dict}``) or Hugging Face folder
+    (``{"config.json": fields, "model.safetensors": weights}``) -> (config, state dict in this module's
+    names). The number of heads comes from the configuration (the weights do not tell it); BEATs and
+    EAT files are recognised and refused by name."""
+    if isinstance(raw, dict) and loading.HF_CONFIG in raw and loading.HF_WEIGHTS in raw:
+        model_cfg = _hf_model_cfg(raw[loading.HF_CONFIG])
+        state = _release_names(raw[loading.HF_WEIGHTS])
+        return _release_config(model_cfg), {_rename(key): value for key, value in state.items()}
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise CheckpointError("not a FISHER checkpoint (expected a dict with 'cfg' and 'model')")
+        raise CheckpointError(
+            f"not a FISHER checkpoint (expected a dict with 'cfg' and 'model'). {LAYOUTS_HELP}"
+        )
     state = raw["model"]
     cfg = raw.get("cfg")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
@@ -426,7 +476,8 @@ def filter_state(raw: object) -> tuple[FisherConfig, dict]:
 def from_checkpoint(
     path: str | os.PathLike, pad_to: int | None = None, max_frames: int | None = None
 ) -> Fisher:
-    """Load a released FISHER ``.pt`` file (or a folder holding one) exactly, strict key check."""
+    """Load a released FISHER ``.pt`` file (or a folder holding one, or a Hugging Face folder) exactly,
+    strict key check."""
     return loading.load_checkpoint(
         path, "FISHER", filter_state, lambda config: Fisher(config, pad_to=pad_to, max_frames=max_frames)
     )

@@ -3,12 +3,15 @@
 ``load_checkpoint(path, backbone, filter_state, make_model)``:
 
 1. :func:`checkpoint_file` finds the file(s): a file as is; a folder in the Hugging Face layout
-   (``config.json`` + ``model.safetensors``), a ``kit.train`` run folder (``model.pt``), or a folder
-   holding exactly one ``.pt`` / ``.pth`` file;
+   (``config.json`` + ``model.safetensors``, or ``pytorch_model.bin`` where a repo publishes that), a
+   ``kit.train`` run folder (``model.pt``), or a folder holding exactly one ``.pt`` / ``.pth`` file;
 2. :func:`read_checkpoint` reads it without running pickled code (``torch.load(weights_only=True)``,
    a ``.safetensors`` file with safetensors); a Hugging Face folder reads as
-   ``{"config.json": dict, "model.safetensors": {name: tensor}}``. Whatever goes wrong while reading
-   becomes a :class:`CheckpointError` naming the file;
+   ``{"config.json": dict, "model.safetensors": {name: tensor}}`` (the weights under that key whichever
+   file held them). A file that is a web page (a share link saved instead of the file it points to)
+   is named as such, with what to do; whatever else goes wrong while reading becomes a
+   :class:`CheckpointError` naming the file. No message ever suggests reading a file with
+   ``weights_only`` off, which would run the pickled code of a file of unknown origin;
 3. the backbone's pure ``filter_state(raw) -> (config, state)`` recognises the source layout from the
    keys, refuses other backbones' files, reads the architecture and renames the weights into its own
    module names (its ``CheckpointError`` gets the path put in front);
@@ -29,12 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kit.backbones import CheckpointError, CheckpointNotFoundError
+from kit.backbones import DEFAULT_CACHE, CheckpointError, CheckpointNotFoundError
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
+HF_TORCH_WEIGHTS = "pytorch_model.bin"  # the older Hugging Face weights file (a torch pickle)
 RUN_MODEL = "model.pt"  # what kit.train writes into a run folder
 TORCH_SUFFIXES = (".pt", ".pth")
+HTML_STARTS = (b"<!doctype", b"<html", b"<head", b"<?xml")
 
 # What torch.load raises on damaged, truncated or foreign files (legacy pickle or zip format).
 READ_ERRORS = (
@@ -59,7 +64,8 @@ def checkpoint_file(path: str | os.PathLike, backbone: str) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointNotFoundError(f"{backbone} checkpoint not found: {path}")
-    hf_present = [name for name in (HF_CONFIG, HF_WEIGHTS) if (path / name).is_file()]
+    weights = HF_WEIGHTS if (path / HF_WEIGHTS).is_file() else HF_TORCH_WEIGHTS
+    hf_present = [name for name in (HF_CONFIG, weights) if (path / name).is_file()]
     if len(hf_present) == 2:
         return path
     if (path / RUN_MODEL).is_file():
@@ -79,16 +85,57 @@ def checkpoint_file(path: str | os.PathLike, backbone: str) -> Path:
 
 def read_checkpoint(path: str | os.PathLike, backbone: str) -> object:
     """What a checkpoint holds: the unpickled object of a torch file, the tensors of a
-    ``.safetensors`` file, or ``{"config.json": dict, "model.safetensors": tensors}`` for a folder."""
+    ``.safetensors`` file, or ``{"config.json": dict, "model.safetensors": tensors}`` for a folder
+    (its ``model.safetensors``, else its ``pytorch_model.bin``)."""
     path = Path(path)
     if path.is_dir():
-        return {
-            HF_CONFIG: _read_json(path / HF_CONFIG),
-            HF_WEIGHTS: _read_safetensors(path / HF_WEIGHTS, backbone),
-        }
+        safetensors = path / HF_WEIGHTS
+        weights = (
+            _read_safetensors(safetensors, backbone)
+            if safetensors.is_file()
+            else _torch_load(path / HF_TORCH_WEIGHTS, backbone)
+        )
+        return {HF_CONFIG: _read_json(path / HF_CONFIG), HF_WEIGHTS: weights}
+    refuse_web_page(path, backbone)
     if path.suffix == ".safetensors":
         return _read_safetensors(path, backbone)
     return _torch_load(path, backbone)
+
+
+def is_web_page(path: str | os.PathLike) -> bool:
+    """Whether a file starts like an HTML (or XML) document: what a share link gives instead of the
+    file it points to (OneDrive, Google Drive, a login page)."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(HTML_STARTS)
+
+
+def refuse_web_page(path: str | os.PathLike, backbone: str) -> None:
+    """A :class:`CheckpointError` saying what to do when ``path`` is a web page, not a checkpoint."""
+    path = Path(path)
+    if not (path.is_file() and is_web_page(path)):
+        return
+    removed = ""
+    if path.parent == Path(DEFAULT_CACHE) / "urls":  # a URL's download: do not serve the page again
+        path.unlink()
+        removed = " (the downloaded page was removed from the cache)"
+    raise CheckpointError(
+        f"{path} is a web page (HTML), not a {backbone} checkpoint{removed}: the link it was downloaded "
+        "from is a share or sign-in page, not the file itself. Open that link in a browser, download the "
+        "file from there (or use a direct link) and pass the downloaded file's path; "
+        "`dcase-kit checkpoints` lists where each release comes from and how to get it"
+    )
+
+
+def describe_load_error(err: BaseException) -> str:
+    """``torch.load``'s error without its advice to retry with ``weights_only=False`` or to allow-list
+    classes (both would run the pickled code of a file of unknown origin): only what was found."""
+    text = str(err)
+    if "weights_only" not in text and "WeightsUnpickler" not in text:
+        return f"{type(err).__name__}: {text}"
+    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    detail = " ".join(detail.split(" Please use", 1)[0].split("Check the documentation", 1)[0].split())
+    return "a safe read (tensors and plain containers only) refused it" + (f": {detail}" if detail else "")
 
 
 def _read_json(file: Path) -> dict:
@@ -135,7 +182,7 @@ def _torch_load(path: Path, backbone: str) -> object:
     except READ_ERRORS as err:
         raise CheckpointError(
             f"cannot read {backbone} checkpoint {path}: not a readable torch checkpoint "
-            f"(corrupt, truncated or not a .pt file; {type(err).__name__}: {err})"
+            f"(corrupt, truncated or not a .pt file; {describe_load_error(err)})"
         ) from err
 
 
