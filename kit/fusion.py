@@ -514,3 +514,68 @@ def held_out_fusion(
         in_fold = fold_of == fold
         fused.loc[in_fold, "score"] = scored.reindex(key[in_fold]).to_numpy()
     return fused, weights_per_fold
+
+
+# --------------------------------------------------------------------------------------------------
+# The fusion step of a run (notebook 10)
+# --------------------------------------------------------------------------------------------------
+FUSION_RULES = ("bayes",) + LABEL_FREE_RULES
+
+
+def fuse_systems(
+    to_fuse: Mapping[str, pd.DataFrame],
+    rule: str,
+    *,
+    normalise_by: str | None = "train",
+    bayes_iter: int = 40,
+    bayes_init: int = 10,
+    seed: int = 0,
+    heldout_estimate: bool = True,
+    progress: bool = True,
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Everything a run's fusion step adds: ``({"fusion": ..., ...}, record)``.
+
+    ``fusion`` is ``rule`` applied to ``to_fuse``: ``"bayes"`` (weights searched on the development
+    labels), or a label-free rule (``LABEL_FREE_RULES``). Beside any other rule the label-free
+    ``fusion-mean`` is added, so a fitted or weighted fusion is always read against the plain mean; with
+    ``"bayes"`` and ``heldout_estimate``, ``fusion-heldout`` too (every clip fused with weights searched
+    without its labels), left out with a note when the clips are too few to split. ``record`` holds
+    the rule, the branches, the weights (Bayesian: one dict; agreement: one per section) and notes."""
+    if rule not in FUSION_RULES:
+        raise ValueError(f"unknown fusion rule {rule!r}: expected one of {FUSION_RULES}")
+    record = {"rule": rule, "branches": list(to_fuse), "normalisation": normalise_by, "weights": None}
+    systems = {}
+    if rule == "bayes":
+        weights, best, _ = search_weights(
+            to_fuse,
+            n_iter=bayes_iter,
+            init_points=bayes_init,
+            seed=seed,
+            normalise_by=normalise_by,
+            progress=progress,
+        )
+        record |= {"weights": weights, "searched_objective": best}
+        systems["fusion"] = fuse(to_fuse, weights, normalise_by=normalise_by)
+    else:
+        systems["fusion"] = fuse(to_fuse, rule, normalise_by=normalise_by)
+        if rule == "agreement":
+            clips, matrix, names = _aligned(to_fuse, normalise_by)
+            table = agreement_weights(clips, matrix).rename(columns={f"w{i}": n for i, n in enumerate(names)})
+            record["weights"] = table.to_dict(orient="records")
+    if rule != "mean":
+        systems["fusion-mean"] = fuse(to_fuse, "mean", normalise_by=normalise_by)
+    if rule == "bayes" and heldout_estimate:
+        try:
+            systems["fusion-heldout"], _ = held_out_fusion(
+                to_fuse,
+                n_iter=bayes_iter,
+                init_points=bayes_init,
+                seed=seed,
+                normalise_by=normalise_by,
+                progress=progress,
+            )
+        except (
+            ValueError
+        ) as error:  # too few development clips to split: the estimate is left out, not the run
+            record["note"] = f"no held-out estimate of the fusion: {error}"
+    return systems, record

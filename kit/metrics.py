@@ -599,6 +599,14 @@ def results_table(per_system: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return table.astype({"n_clips": int})
 
 
+def development_results(systems: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """``results_table`` of every system over its development test clips (the only labelled ones:
+    training clips and the evaluation set are left out)."""
+    return results_table(
+        {name: s[(s["dataset"] == "dev") & (s["split"] == "test")] for name, s in systems.items()}
+    )
+
+
 def overall_scores(table: pd.DataFrame) -> dict[str, float]:
     """``{system: official score}`` from a results table."""
     overall = table[table["level"] == "overall"]

@@ -227,3 +227,17 @@ def test_the_agreement_rule_is_the_mean_where_it_cannot_be_fitted():
     pd.testing.assert_frame_equal(fusion.fuse(two, "agreement"), fusion.fuse(two, "mean"))
     v = fusion._rank_one(np.outer([0.3, 0.2, 0.1], [0.3, 0.2, 0.1]) + np.diag([0.5, 0.5, 0.5]))
     assert np.allclose(v, [0.3, 0.2, 0.1], atol=1e-3)  # the diagonal does not enter the fit
+
+
+def test_fuse_systems_adds_the_fusion_and_the_mean_beside_it():
+    branches = {f"b{i}": branch(1.0, seed=i) for i in range(3)}
+    systems, record = fusion.fuse_systems(branches, "agreement", progress=False)
+    assert set(systems) == {"fusion", "fusion-mean"} and record["rule"] == "agreement"
+    assert {row["machine"] for row in record["weights"]} == {"fan", "valve"}
+    assert all(abs(sum(row[b] for b in branches) - 1) < 1e-9 for row in record["weights"])
+    systems, record = fusion.fuse_systems(branches, "mean", progress=False)
+    assert set(systems) == {"fusion"} and record["weights"] is None
+    systems, record = fusion.fuse_systems(branches, "bayes", bayes_iter=1, bayes_init=1, progress=False)
+    assert set(systems) == {"fusion", "fusion-mean", "fusion-heldout"} and set(record["weights"]) == set(branches)
+    with pytest.raises(ValueError, match="unknown fusion rule 'median'"):
+        fusion.fuse_systems(branches, "median")

@@ -594,3 +594,22 @@ def test_command_evaluates_every_system_of_a_submission_folder(metric_fixtures, 
 
     assert metrics.main([str(submission), "--ground-truth", str(metric_fixtures), "--system", "nobody"]) == 2
     assert "system 'nobody' not found" in capsys.readouterr().err
+
+
+def test_development_results_score_the_development_test_clips_only():
+    rows = []
+    for dataset in ("dev", "eval"):
+        for split in ("train", "test"):
+            for domain in ("source", "target"):
+                for label in ("normal", "anomaly"):
+                    if split == "train" and label == "anomaly":
+                        continue
+                    for i in range(3):
+                        rows.append((dataset, "fan", "00", split, f"{split}_{domain}_{label}_{i}.wav", domain, label))
+    frame = pd.DataFrame(rows, columns=["dataset", "machine", "section", "split", "file_name", "domain", "label"])
+    frame["channel"] = "near"
+    frame["score"] = (frame["label"] == "anomaly").astype(float)
+    frame.loc[frame["dataset"] == "eval", "label"] = "unknown"  # evaluation clips carry no labels
+    table = metrics.development_results({"perfect": frame})
+    overall = table[table["machine"] == "overall"].iloc[0]
+    assert overall["hmean"] == pytest.approx(1.0) and overall["n_clips"] == 12
