@@ -8,6 +8,7 @@ zips) is written to a temporary file in the destination folder and moved into pl
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -53,3 +54,40 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+# A dataset written by a tool (kit.synth, kit.mix) carries a JSON manifest of the parameters it was
+# made with and whether it is complete: a second run with the same parameters resumes or returns.
+def read_dataset_manifest(root: Path, name: str, tool: str, folders) -> dict | None:
+    """The manifest ``root/name`` of a dataset written by ``tool``; None when there is none yet. A
+    root that already holds one of ``folders`` without the manifest is someone else's dataset."""
+    path = root / name
+    if not path.exists():
+        if any((root / folder).exists() for folder in folders):
+            raise FileExistsError(
+                f"{root} already holds a dataset that {tool} did not write (no {name}); choose an empty folder"
+            )
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete {root} and run {tool} again") from error
+
+
+def start_dataset(root: Path, name: str, tool: str, folders, parameters: dict) -> dict | None:
+    """Begin (or resume) writing a ``tool`` dataset under ``root``: the finished manifest when a
+    complete dataset with these ``parameters`` is there (nothing to do), else None after marking the
+    dataset incomplete with these parameters. Other parameters in ``root`` are an error."""
+    manifest = read_dataset_manifest(root, name, tool, folders)
+    if manifest is not None:
+        found = {key: manifest.get(key) for key in parameters}
+        if found != parameters:
+            changed = sorted(key for key in parameters if found[key] != parameters[key])
+            raise FileExistsError(
+                f"{root} holds a {tool} dataset made with other parameters ({', '.join(changed)} differ; see "
+                f"{root / name}); delete it or choose another root"
+            )
+        if manifest.get("complete"):
+            return manifest
+    write_text_atomic(root / name, json.dumps({**parameters, "complete": False}, indent=2) + "\n")
+    return None

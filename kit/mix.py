@@ -54,13 +54,14 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from kit import synth
-from kit.files import atomic_path, write_text_atomic
+from kit.files import atomic_path, read_dataset_manifest, start_dataset, write_text_atomic
 
 SAMPLE_RATE = 16_000
 MIXER_VERSION = 1
 MANIFEST_NAME = "mix_manifest.json"
 CLIPS_CSV_NAME = "mix_clips.csv"
 DATASETS = ("dev", "eval")
+_FOLDERS = [f"{dataset}_data" for dataset in DATASETS]  # what a dataset root holds
 CROSSFADE_S = 0.01
 WARM_UP_S = 0.5  # noise rendered before the clip starts, so the paths' reverberation is in steady state
 PEAK_LIMIT = 0.99
@@ -335,21 +336,6 @@ def _parameters(
     }
 
 
-def _read_manifest(out_root: Path) -> dict | None:
-    path = out_root / MANIFEST_NAME
-    if not path.exists():
-        if any((out_root / f"{dataset}_data").exists() for dataset in DATASETS):
-            raise FileExistsError(
-                f"{out_root} already holds a dataset that kit.mix did not write (no {MANIFEST_NAME}); "
-                "choose an empty folder"
-            )
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); delete {out_root} and mix again") from error
-
-
 def _table_row(plan: ClipMix, gain: float, noise: Sequence[NoiseFile]) -> list:
     def pieces(segments):
         return ";".join(f"{noise[i].relative}@{start}+{frames}" for i, start, frames in segments)
@@ -409,18 +395,9 @@ def mix_dataset(
     clips = find_mono_clips(mono_root)
     noise = find_noise_files(noise_dir)
     parameters = _parameters(mono_root, noise_dir, noise, settings, int(seed))
-    manifest = _read_manifest(out_root)
-    if manifest is not None:
-        if {key: manifest.get(key) for key in parameters} != parameters:
-            raise FileExistsError(
-                f"{out_root} holds a kit.mix dataset made with other parameters (seed, folders, noise "
-                f"files or settings differ; see {out_root / MANIFEST_NAME}); delete it or choose another root"
-            )
-        if manifest.get("complete"):
-            return manifest
-    write_text_atomic(
-        out_root / MANIFEST_NAME, json.dumps({**parameters, "complete": False}, indent=2) + "\n"
-    )
+    finished = start_dataset(out_root, MANIFEST_NAME, "kit.mix", _FOLDERS, parameters)
+    if finished is not None:
+        return finished
 
     rows = []
     for clip in tqdm(clips, desc="mixing stereo clips", unit="clip", disable=not progress):
@@ -456,7 +433,7 @@ def _output_gains(out_root: str, mtime_ns: int) -> dict[str, float]:
 def clean_near(out_root: str | os.PathLike, clip_path: str | os.PathLike) -> np.ndarray:
     """The machine part of a kit.mix clip's near channel: its mono source clip times its output gain."""
     out_root = Path(out_root)
-    manifest = _read_manifest(out_root)
+    manifest = read_dataset_manifest(out_root, MANIFEST_NAME, "kit.mix", _FOLDERS)
     if manifest is None or not manifest.get("complete"):
         raise ValueError(f"{out_root} is not a finished kit.mix dataset (no complete {MANIFEST_NAME})")
     table = out_root / CLIPS_CSV_NAME

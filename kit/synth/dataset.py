@@ -25,7 +25,7 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from kit.files import atomic_path, write_text_atomic
+from kit.files import atomic_path, start_dataset, write_text_atomic
 from kit.synth.machines import MACHINES
 from kit.synth.plan import ClipPlan, check_scale, clip_counts, plan_machine
 from kit.synth.render import render_clip
@@ -34,6 +34,7 @@ from kit.synth.signals import SAMPLE_RATE
 GENERATOR_VERSION = 2
 LAYOUTS = ("2026", "mono")
 MANIFEST_NAME = "synth_manifest.json"
+_FOLDERS = ("dev_data", "eval_data", "eval_ground_truth")  # what a dataset root holds
 CLIPS_CSV_NAME = "synth_clips.csv"
 
 
@@ -139,21 +140,6 @@ def _parameters(seed: int, scale: float, layout: str, machines: Sequence[str]) -
     }
 
 
-def _read_manifest(root: Path) -> dict | None:
-    path = root / MANIFEST_NAME
-    if not path.exists():
-        if any((root / folder).exists() for folder in ("dev_data", "eval_data", "eval_ground_truth")):
-            raise FileExistsError(
-                f"{root} already holds a dataset that kit.synth did not write (no {MANIFEST_NAME}); "
-                "choose an empty folder for the synthetic dataset"
-            )
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); delete {root} and generate again") from error
-
-
 def generate(
     root: str | os.PathLike,
     *,
@@ -191,17 +177,9 @@ def generate(
         )
     parameters = _parameters(int(seed), scale, layout, machines)
 
-    manifest = _read_manifest(root)
-    if manifest is not None:
-        if {key: manifest.get(key) for key in parameters} != parameters:
-            raise FileExistsError(
-                f"{root} holds a synthetic dataset generated with other parameters "
-                f"({ {key: manifest.get(key) for key in parameters} }, asked {parameters}); "
-                "delete it or choose another root"
-            )
-        if manifest.get("complete"):
-            return manifest
-    write_text_atomic(root / MANIFEST_NAME, json.dumps({**parameters, "complete": False}, indent=2) + "\n")
+    finished = start_dataset(root, MANIFEST_NAME, "kit.synth", _FOLDERS, parameters)
+    if finished is not None:
+        return finished
 
     plans_by_machine = {m: plan_machine(m, scale=scale, seed=int(seed)) for m in machines}
     # an interrupted run resumes: files are written atomically, so an existing file is complete
