@@ -54,7 +54,11 @@ COMMANDS = {
     "download": Command(
         "kit.download",
         "download the official archives from Zenodo and unpack them (resumable, verified)",
-        ("download data/dcase2026", "download data/dcase2026 --dev --eval-train --eval-test --delete-zips"),
+        ("download data/dcase2026", "download data/dcase2026 --dev --eval-train --eval-test --keep-zips"),
+    ),
+    "checkpoints": Command(
+        "kit.checkpoints",
+        "where each official backbone checkpoint comes from; `checkpoints fetch NAME DIR` downloads it",
     ),
     "synth": Command(
         "kit.synth",
