@@ -39,6 +39,7 @@ import csv
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -753,7 +754,12 @@ LABEL_SCHEMES = {
     "section": ("machine", "section"),
     "attribute": ("machine", "section", "attributes"),
     "composite": ("machine", "section", "attributes", "domain", "channel"),
+    # KMeans pseudo-labels (kit.pseudolabels) in the PSEUDO_COLUMN, e.g. "pseudo-source-3"
+    "pseudo": ("machine", "section", "pseudo_label"),
+    "attribute_pseudo": ("machine", "section", "attributes", "domain", "pseudo_label"),
 }
+PSEUDO_SCHEMES = ("pseudo", "attribute_pseudo")
+PSEUDO_COLUMN = "pseudo_label"
 
 
 def _labels(df: pd.DataFrame, columns: Sequence[str], scheme: str) -> tuple[np.ndarray, list[str]]:
@@ -788,9 +794,76 @@ def composite_labels(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     return _labels(df, columns, "composite")
 
 
+def needs_pseudo_label(df: pd.DataFrame, scheme: str) -> np.ndarray:
+    """Rows whose class under ``scheme`` is a pseudo-label: every row for ``"pseudo"``, the rows of
+    clips without attributes (``noAttribute``) for ``"attribute_pseudo"``, none for the other schemes."""
+    if scheme == "pseudo":
+        return np.ones(len(df), dtype=bool)
+    if scheme == "attribute_pseudo":
+        _require_columns(df, ["attributes"], "the frame for 'attribute_pseudo' labels")
+        return df["attributes"].astype(str).isin(["", NO_ATTRIBUTE]).to_numpy()
+    return np.zeros(len(df), dtype=bool)
+
+
+def _pseudo_keys(df: pd.DataFrame, scheme: str, pseudo: np.ndarray) -> pd.Series:
+    """The PSEUDO_COLUMN where ``pseudo``, after checking that every such training row has one."""
+    train = df["split"].eq("train").to_numpy() if "split" in df.columns else np.ones(len(df), dtype=bool)
+    if PSEUDO_COLUMN not in df.columns:
+        values = pd.Series([""] * len(df), index=df.index)
+    else:
+        values = df[PSEUDO_COLUMN].where(df[PSEUDO_COLUMN].notna(), "").astype(str)
+    missing = pseudo & train & values.eq("").to_numpy()
+    if missing.any():
+        machines = sorted(df.loc[missing, "machine"].astype(str).unique())
+        raise DatasetError(
+            f"label scheme {scheme!r} needs a pseudo-label (column {PSEUDO_COLUMN!r}) for every training clip "
+            f"without attributes, but {int(missing.sum())} rows of machines {machines} have none: "
+            "kit.pseudolabels.label_items makes them (kit.train.train does so itself)"
+        )
+    return values
+
+
+def pseudo_labels(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """machine + section + pseudo-label (KMeans cluster of the clip's domain, ``kit.pseudolabels``), for
+    every machine, with or without attributes."""
+    _require_columns(df, ["machine", "section"], "the frame for 'pseudo' labels")
+    keys = _pseudo_keys(df, "pseudo", needs_pseudo_label(df, "pseudo"))
+    return _labels(df.assign(_class=keys), ("machine", "section", "_class"), "pseudo")
+
+
+def attribute_pseudo_labels(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """machine + section + attributes + domain for clips with attributes, machine + section +
+    pseudo-label for clips without (``noAttribute``). Where no training clip lacks attributes there is
+    nothing to pseudo-label: a warning, and the classes are machine + section + attributes + domain."""
+    _require_columns(
+        df, ["machine", "section", "attributes", "domain"], "the frame for 'attribute_pseudo' labels"
+    )
+    pseudo = needs_pseudo_label(df, "attribute_pseudo")
+    train = df["split"].eq("train").to_numpy() if "split" in df.columns else np.ones(len(df), dtype=bool)
+    if not (pseudo & train).any():
+        warnings.warn(
+            "label scheme 'attribute_pseudo': every training clip has attributes (no machine with "
+            f"{NO_ATTRIBUTE!r}), so no pseudo-label is used: the classes are machine + section + attributes "
+            "+ domain",
+            stacklevel=3,
+        )
+        return _labels(df, ("machine", "section", "attributes", "domain"), "attribute_pseudo")
+    plain = df["attributes"].astype(str) + "|" + df["domain"].astype(str)
+    keys = plain.where(~pseudo, _pseudo_keys(df, "attribute_pseudo", pseudo))
+    return _labels(df.assign(_class=keys), ("machine", "section", "_class"), "attribute_pseudo")
+
+
 def make_labels(df: pd.DataFrame, scheme: str) -> tuple[np.ndarray, list[str]]:
-    """``(codes, classes)`` for ``scheme`` in {"section", "attribute", "composite"}."""
-    builders = {"section": section_labels, "attribute": attribute_labels, "composite": composite_labels}
+    """``(codes, classes)`` for ``scheme`` in ``LABEL_SCHEMES``: "section", "attribute", "composite", and
+    the pseudo-label schemes "pseudo" and "attribute_pseudo" (which need the PSEUDO_COLUMN, see
+    ``kit.pseudolabels``)."""
+    builders = {
+        "section": section_labels,
+        "attribute": attribute_labels,
+        "composite": composite_labels,
+        "pseudo": pseudo_labels,
+        "attribute_pseudo": attribute_pseudo_labels,
+    }
     if scheme not in builders:
         raise ValueError(f"unknown label scheme {scheme!r}: expected one of {sorted(builders)}")
     return builders[scheme](df)

@@ -62,11 +62,17 @@ def update(run_dir: str | os.PathLike, **sections) -> dict:
 
 
 def record_branch(run_dir: str | os.PathLike, name: str, **entry) -> dict:
-    """Record (or replace) branch ``name``: its backbone, model folder, embedding folder, ... ."""
+    """Record (or replace) branch ``name``: its backbone, model folder, embedding folder, ... and, when
+    its training used pseudo-labels (``kit.pseudolabels``), their file, settings and class counts."""
     run_dir = Path(run_dir)
     entry = {
         key: relative(run_dir, value) if isinstance(value, Path) else value for key, value in entry.items()
     }
+    pseudo = run_dir / "pseudo_labels" / f"{name}.csv"
+    if pseudo.exists() and "pseudo_labels" not in entry:  # the KMeans classes its training used
+        from kit import pseudolabels
+
+        entry["pseudo_labels"] = {**pseudolabels.summary(pseudo), "file": relative(run_dir, pseudo)}
     branches = dict(read(run_dir).get("branches") or {})
     branches[name] = entry
     return update(run_dir, branches=branches)

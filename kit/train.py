@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from kit import backbones, data, heads, losses, precision
+from kit import backbones, data, heads, losses, precision, pseudolabels
 from kit.augment import SpecAugment, mixup, noise_mix
 from kit.files import atomic_path, write_text_atomic
 from kit.lora import add_lora, save_adapters
@@ -74,11 +74,17 @@ class TrainConfig:
     lora_targets: str | None = None  # regex of the modules LoRA adapts; None: the backbone's attention projections
     head: str = "asp"  # asp | mean | cls
     embed_dim: int = 128
-    loss: str = "arcface"  # arcface | subcenter | adacos
+    loss: str = "arcface"  # arcface | subcenter | adacos | subcluster_adacos
     loss_s: float = 30.0
     loss_m: float = 0.3
-    subcenters: int = 3
+    subcenters: int = 3  # weight vectors per class: subcenter (3) and subcluster_adacos (16 published)
     label_scheme: str = "attribute"  # section | attribute | composite (+ domain + near/far channel)
+    # | pseudo (KMeans pseudo-labels for every machine) | attribute_pseudo (attributes + domain where a
+    # machine has attributes, pseudo-labels where it has none): kit.pseudolabels, saved in the run
+    pseudo_k_source: int = 7  # KMeans clusters of a machine's source clips (per section)
+    pseudo_k_target: int = 1  # ... and of its target clips
+    pseudo_seed: int = 42
+    pseudo_features: str = "backbone"  # the frozen pretrained backbone (log-mel without one) | logmel
     channels: tuple[str, ...] = ("near", "far")  # one item per (clip, channel); cancellers too (w1, ss, ...)
     front_end_settings: dict = field(default_factory=dict)  # canceller name -> its settings (kit.denoise)
     mono_fallback: bool = False  # on mono data, leave out channels that need the far microphone
@@ -179,6 +185,9 @@ class TrainConfig:
             raise ValueError(
                 f"unknown label scheme {self.label_scheme!r}: expected one of {sorted(data.LABEL_SCHEMES)}"
             )
+        pseudolabels.check_settings(
+            self.pseudo_k_source, self.pseudo_k_target, self.pseudo_seed, self.pseudo_features
+        )
         if self.length_mode not in data.LENGTH_MODES:
             raise ValueError(f"unknown length mode {self.length_mode!r}: expected one of {data.LENGTH_MODES}")
         for name in ("lr", "head_lr_scale", "crop_seconds", "checkpoint_minutes"):
@@ -548,6 +557,8 @@ def train(
     torch.manual_seed(cfg.seed)  # same initial head/loss weights on every rank
     random.seed(cfg.seed)
     items = training_items(index, cfg)
+    if cfg.label_scheme in data.PSEUDO_SCHEMES:  # <run_dir>/pseudo_labels/<name>.csv: read, or made once
+        items = pseudolabels.label_items(items, cfg, run_dir, place=place, progress=progress)
     codes, classes = data.make_labels(items, cfg.label_scheme)
     embedder = build_embedder(cfg)
     checkpointing = precision.use_gradient_checkpointing(
@@ -816,6 +827,8 @@ def _divergence_message(cfg: TrainConfig, step: int, value: float, history: list
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict:
+    if cfg.loss == "subcluster_adacos":  # no scale (adaptive) and no margin (the published loss)
+        return {"k": cfg.subcenters}
     if cfg.loss == "adacos":
         return {"m": cfg.loss_m} if cfg.loss_m else {}
     kwargs = {"s": cfg.loss_s, "m": cfg.loss_m}

@@ -553,3 +553,32 @@ def test_a_setting_added_after_a_run_was_saved_counts_as_its_default():
     saved = {k: v for k, v in cfg.to_dict().items() if k not in ("grad_clip", "lora_targets")}
     assert cfg.differences(saved) == []
     assert train.TrainConfig(grad_clip=1.0).differences(saved) == ["grad_clip"]
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_subcluster_adacos_trains_and_classes_separate(tone_index, tmp_path):
+    cfg = _cfg(loss="subcluster_adacos", subcenters=4, name="scadacos")
+    out = train.train(tone_index, cfg, tmp_path, progress=False)
+    history = pd.read_csv(out / "history.csv")
+    # the adaptive scale keeps the loss from falling as far as a fixed scale's (as with AdaCos)
+    assert history["loss"].iloc[-8:].mean() < 0.75 * history["loss"].iloc[:8].mean()
+    meta, emb = embed.compute_embeddings(train.load_embedder(out), tone_index, channels=("near",), progress=False)
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = (meta["machine"] + meta["attributes"]).to_numpy()
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    assert (labels[sim.argmax(1)] == labels).mean() >= 0.9
+    state = torch.load(tmp_path / "scadacos" / "model.pt", weights_only=False)
+    assert not any(key.startswith("loss.") for key in state["state"])  # the loss stays out of model.pt
+
+
+def test_pseudo_label_settings_are_training_settings():
+    cfg = train.TrainConfig(label_scheme="pseudo")
+    assert (cfg.pseudo_k_source, cfg.pseudo_k_target, cfg.pseudo_seed, cfg.pseudo_features) == (7, 1, 42, "backbone")
+    assert "pseudo_k_source" not in train.TrainConfig.EXECUTION_FIELDS
+    saved = {k: v for k, v in cfg.to_dict().items() if not k.startswith("pseudo_")}  # a run saved before them
+    assert cfg.differences(saved) == []
+    assert train.TrainConfig(label_scheme="pseudo", pseudo_k_source=5).differences(saved) == ["pseudo_k_source"]
+    assert train._loss_kwargs(train.TrainConfig(loss="subcluster_adacos", subcenters=16)) == {"k": 16}
+    with pytest.raises(ValueError, match="unknown label scheme 'pseudo_attribute'"):
+        train.TrainConfig.from_dict({"label_scheme": "pseudo_attribute"})
