@@ -11,6 +11,11 @@ Windowed extraction (``window_seconds``): each clip is cut into overlapping wind
 model was trained on, every window is embedded and the clip's embedding is the mean of its windows.
 A model fine-tuned on short crops then sees the whole clip at the length it knows (and a backbone with
 a fixed input length, like EAT's ``target_length``, no longer drops the end of a long clip).
+
+A backbone that takes a noise reference (``takes_reference``, NA-BEATs) gets the far channel of the
+same clip, brought to the same length and cut into the same windows, beside every channel it embeds
+(near, a canceller; ``far`` itself only when asked for, with itself as its reference). Such a backbone
+needs stereo clips: mono data is an error naming a mono file.
 """
 
 from __future__ import annotations
@@ -165,16 +170,25 @@ def _check_window(window_seconds: float | None, window_hop: float | None) -> tup
     return float(window_seconds), float(hop)
 
 
-def _embed_waves(embedder, waves, lengths, device, prec, batch_size: int) -> np.ndarray:
+def _embed_waves(embedder, waves, lengths, device, prec, batch_size: int, reference=None) -> np.ndarray:
     """Embeddings ``[len(waves), D]`` of 1-D waves whose first ``lengths[i]`` samples are audio,
-    ``batch_size`` waves per forward pass."""
+    ``batch_size`` waves per forward pass; ``reference``: ``(waves, lengths)`` of each wave's noise
+    reference (the far channel), for a backbone that takes one."""
     out = []
     for start in range(0, len(waves), batch_size):
         part = waves[start : start + batch_size]
         valid = torch.tensor(lengths[start : start + batch_size])
         padded = data.pad_waves(part)
+        extra = {}
+        if reference is not None:
+            ref_waves, ref_valid = (column[start : start + batch_size] for column in reference)
+            extra = {
+                "reference": data.pad_waves(ref_waves).to(device, non_blocking=True),
+                "reference_lengths": torch.tensor(ref_valid).to(device),
+            }
         with prec.autocast():
-            out.append(embedder(padded.to(device, non_blocking=True), valid.to(device)).float().cpu().numpy())
+            emb = embedder(padded.to(device, non_blocking=True), valid.to(device), **extra)
+            out.append(emb.float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -189,6 +203,28 @@ def _windows(waves, lengths, window: tuple) -> tuple[list, list, np.ndarray]:
             valid.append(min(size, n - int(start)))
             owner.append(j)
     return pieces, valid, np.asarray(owner)
+
+
+def _reference_windows(reference, lengths, window: tuple) -> tuple[list, list]:
+    """The references ``(waves, lengths)`` cut into the windows ``_windows`` cuts their waves into
+    (the starts follow the waves' ``lengths``)."""
+    size, hop = (max(1, round(x * data.SAMPLE_RATE)) for x in window)
+    pieces, valid = [], []
+    for wave, n_ref, n in zip(*reference, lengths):
+        for start in window_starts(n, size, hop):
+            pieces.append(wave[start : start + size])
+            valid.append(max(0, min(size, n_ref - int(start))))
+    return pieces, valid
+
+
+def _require_stereo(index: pd.DataFrame, backbone) -> None:
+    """A backbone that takes the far channel as its noise reference cannot embed mono clips."""
+    mono = index.loc[index["channels"].fillna(2) < 2, "path"]
+    if not mono.empty:
+        raise data.DatasetError(
+            f"{backbone.name} takes the far channel as a noise reference, but {mono.iloc[0]} is mono "
+            f"({len(mono)} mono clips in this dataset): it needs stereo near/far clips (the 2026 layout)"
+        )
 
 
 def _warn_if_cut(embedder, longest_seconds: float, window: tuple | None) -> None:
@@ -216,12 +252,16 @@ class _DecodedBatches(torch.utils.data.Dataset):
     each file is read once for all channels. Microphones only: just the window the length policy
     keeps is decoded; with a canceller channel the whole stereo clip is read, cancelled, then cut."""
 
-    def __init__(self, paths, batches, channels, length, mask_padding: bool, front_end_settings=None):
+    def __init__(
+        self, paths, batches, channels, length, mask_padding: bool, front_end_settings=None, reference=False
+    ):
         self.paths, self.batches, self.channels = list(paths), batches, tuple(channels)
         self.length, self.mask_padding = length, mask_padding
         self.front_end_settings = front_end_settings or {}
-        self.stereo = any(data.needs_stereo(c) for c in self.channels)
+        self.reference = reference  # also the far channel, as every channel's noise reference
+        self.stereo = reference or any(data.needs_stereo(c) for c in self.channels)
         self.derived = any(c not in data.CHANNEL_INDEX for c in self.channels)
+        self.decoded = self.channels + (("far",) if reference and "far" not in self.channels else ())
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -233,20 +273,21 @@ class _DecodedBatches(torch.utils.data.Dataset):
             )
             return {
                 c: self.length.apply_with_length(data.derive_channel(pair, c, self.front_end_settings))
-                for c in self.channels
+                for c in self.decoded
             }
         wave, valid = data.read_clip(path, "both" if self.stereo else "near", self.length)
-        return {c: ((wave[data.CHANNEL_INDEX[c]] if self.stereo else wave), valid) for c in self.channels}
+        return {c: ((wave[data.CHANNEL_INDEX[c]] if self.stereo else wave), valid) for c in self.decoded}
 
     def __getitem__(self, b: int):
         rows = self.batches[b]
         clips = [self._fitted(self.paths[i]) for i in rows]
         decoded = {}
-        for channel in self.channels:
+        for channel in self.decoded:
             waves = [clip[channel][0] for clip in clips]
             valid = [clip[channel][1] if self.mask_padding else clip[channel][0].shape[-1] for clip in clips]
             decoded[channel] = (waves, valid)
-        return rows, decoded
+        reference = decoded["far"] if self.reference else None
+        return rows, {c: decoded[c] for c in self.channels}, reference
 
 
 COLLAPSE_COSINE = 0.999  # mean cosine similarity between clips above which embeddings have collapsed
@@ -323,25 +364,32 @@ def compute_embeddings(
     embedder = embedder.to(device).eval()
     index = index.reset_index(drop=True)
     data.usable_channels(channels, index)  # a channel that needs the far microphone on mono data fails
+    backbone = getattr(embedder, "backbone", embedder)
+    takes_reference = bool(getattr(backbone, "takes_reference", False))
+    if takes_reference:
+        _require_stereo(index, backbone)
     longest = float(index["duration"].max()) if length.mode == "none" else float(length.seconds)
     _warn_if_cut(embedder, longest, window)
     batches = _batches(index, batch_size)
     workers = data.default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
-        _DecodedBatches(index["path"], batches, channels, length, mask_padding, front_end_settings),
+        _DecodedBatches(
+            index["path"], batches, channels, length, mask_padding, front_end_settings, takes_reference
+        ),
         batch_size=None,
         num_workers=min(workers, len(batches)),
         collate_fn=_as_is,
         pin_memory=device.type == "cuda",
     )
     out = {channel: None for channel in channels}
-    for rows, decoded in tqdm(loader, total=len(batches), desc="embed", disable=not progress):
+    for rows, decoded, reference in tqdm(loader, total=len(batches), desc="embed", disable=not progress):
         for channel, (waves, valid) in decoded.items():
             if window is None:
-                emb = _embed_waves(embedder, waves, valid, device, prec, batch_size)
+                emb = _embed_waves(embedder, waves, valid, device, prec, batch_size, reference)
             else:
                 pieces, piece_valid, owner = _windows(waves, valid, window)
-                per_window = _embed_waves(embedder, pieces, piece_valid, device, prec, batch_size)
+                cut = None if reference is None else _reference_windows(reference, valid, window)
+                per_window = _embed_waves(embedder, pieces, piece_valid, device, prec, batch_size, cut)
                 emb = np.zeros((len(waves), per_window.shape[1]), dtype=np.float32)
                 np.add.at(emb, owner, per_window)
                 emb /= np.bincount(owner, minlength=len(waves))[:, None]

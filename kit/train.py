@@ -303,7 +303,9 @@ class TrainItems(Dataset):
 
     An item is ``(wave, valid, noise, noise_valid, label)``: ``valid`` counts the samples of ``wave``
     that are audio (a clip shorter than the crop is zero-padded after them), so the backbone masks
-    the padding; with ``mask_padding=False`` the padding counts as input (the EAT-ASP recipe)."""
+    the padding; with ``mask_padding=False`` the padding counts as input (the EAT-ASP recipe). With
+    ``reference`` (a backbone that takes a noise reference) it ends with ``reference, reference_valid``:
+    the far channel of the same clip, cropped at the same place (drawn from the same seed)."""
 
     def __init__(
         self,
@@ -313,8 +315,10 @@ class TrainItems(Dataset):
         noise_paths: list[str],
         mask_padding: bool = True,
         front_end_settings: dict | None = None,
+        reference: bool = False,
     ):
         self.front_end_settings = front_end_settings or {}
+        self.reference = reference
         self.paths = items["path"].tolist()
         self.channels = items["channel"].tolist()
         self.labels = labels
@@ -339,18 +343,21 @@ class TrainItems(Dataset):
         if self.noise_paths:
             source = self.noise_paths[int(rng.integers(len(self.noise_paths)))]
             noise, noise_valid = self._crop(source, "far", rng)
-        return wave, valid, noise, noise_valid, int(self.labels[index])
+        item = (wave, valid, noise, noise_valid, int(self.labels[index]))
+        if self.reference:  # a fresh generator of the same seed draws the same crop start
+            item += self._crop(self.paths[index], "far", np.random.default_rng(seed))
+        return item
 
 
 def _collate(batch):
-    waves, valid, noises, noise_valid, labels = zip(*batch)
+    waves, valid, noises, noise_valid, labels, *reference = zip(*batch)
     return (
         data.pad_waves(waves),
         torch.tensor(valid),
         data.pad_waves(noises, min_length=1),
         torch.tensor(noise_valid),
         torch.tensor(labels),
-    )
+    ) + ((data.pad_waves(reference[0]), torch.tensor(reference[1])) if reference else ())
 
 
 def _step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
@@ -433,8 +440,8 @@ class ProxyTask(nn.Module):
         self.embedder = embedder
         self.loss = loss
 
-    def forward(self, waves, lengths, labels, perm=None, lam=1.0, augment=None):
-        emb = self.embedder(waves, lengths, augment=augment)
+    def forward(self, waves, lengths, labels, perm=None, lam=1.0, augment=None, **reference):
+        emb = self.embedder(waves, lengths, augment=augment, **reference)
         loss = self.loss(emb, labels)
         if perm is not None and lam < 1.0:
             loss = lam * loss + (1 - lam) * self.loss(emb, labels[perm])
@@ -596,7 +603,7 @@ def train(
         ids = [place.device.index] if place.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=True)
     noise_paths = _noise_sources(items, cfg)
-    batches = iter(_loader(items, codes, noise_paths, cfg, place, start))
+    batches = iter(_loader(items, codes, noise_paths, cfg, place, start, embedder.backbone.takes_reference))
     spec = SpecAugment() if cfg.spec_augment else None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
@@ -680,8 +687,15 @@ def _warn_if_collapsed(
     ]
     waves = data.pad_waves([wave for wave, _ in clips]).to(device)
     valid = torch.tensor([n for _, n in clips], device=device)
+    reference = {}
+    if embedder.backbone.takes_reference:  # the far channel of the same clips, cropped alike
+        far = [data.read_clip(items["path"].iloc[i], "far", length) for i in picks]
+        reference = {
+            "reference": data.pad_waves([wave for wave, _ in far]).to(device),
+            "reference_lengths": torch.tensor([n for _, n in far], device=device),
+        }
     embedder.eval()
-    figure = embed.collapse_figure(embedder(waves, valid).float().cpu().numpy())
+    figure = embed.collapse_figure(embedder(waves, valid, **reference).float().cpu().numpy())
     if figure >= embed.COLLAPSE_COSINE:
         warnings.warn(
             f"{cfg.name}: after training, the embeddings of {len(picks)} training clips have collapsed (mean cosine "
@@ -717,9 +731,18 @@ def _noise_sources(items: pd.DataFrame, cfg: TrainConfig) -> list[str]:
     return sorted(stereo["path"].unique())
 
 
-def _loader(items, codes, noise_paths, cfg: TrainConfig, place: _Place, start: int) -> DataLoader:
+def _loader(
+    items, codes, noise_paths, cfg: TrainConfig, place: _Place, start: int, reference: bool = False
+) -> DataLoader:
     """The micro-batches of steps ``start..steps-1`` (a pure function of seed, step and rank, so any
-    worker count gives the same batches)."""
+    worker count gives the same batches); with ``reference`` each item brings its clip's far channel."""
+    if reference:
+        mono = items.loc[items["channels"].fillna(2) < 2, "path"]
+        if not mono.empty:
+            raise data.DatasetError(
+                f"{cfg.backbone} takes the far channel as a noise reference, but the training clip "
+                f"{mono.iloc[0]} is mono ({mono.nunique()} mono clips): it needs stereo near/far clips"
+            )
     dataset = TrainItems(
         items,
         codes,
@@ -727,6 +750,7 @@ def _loader(items, codes, noise_paths, cfg: TrainConfig, place: _Place, start: i
         noise_paths,
         cfg.mask_padding,
         cfg.front_end_settings,
+        reference,
     )
     sampler = StepBatches(
         items["machine"].to_numpy(),
@@ -776,8 +800,11 @@ def _train_step(
     step_loss, step_acc = 0.0, 0.0
     device = place.device
     for micro in range(cfg.grad_accum):
-        waves, lengths, noise, noise_lengths, labels = next(batches)
+        waves, lengths, noise, noise_lengths, labels, *far = next(batches)
         waves, lengths, labels = waves.to(device), lengths.to(device), labels.to(device)
+        reference = {}  # the far channel of the same clips, for a backbone that takes a noise reference
+        if far:
+            reference = {"reference": far[0].to(device), "reference_lengths": far[1].to(device)}
         if mix_noise:
             waves = noise_mix(
                 waves, lengths, noise.to(device), noise_lengths, cfg.noise_mix_prob, cfg.noise_mix_snr, gen
@@ -785,11 +812,17 @@ def _train_step(
         perm, lam = None, 1.0
         if cfg.mixup_alpha > 0:
             waves, lengths, perm, lam = mixup(waves, lengths, cfg.mixup_alpha, gen)
+            if reference:  # each mixed clip gets the same mixture of the two references
+                ref, ref_lengths = reference["reference"], reference["reference_lengths"]
+                reference = {
+                    "reference": lam * ref + (1 - lam) * ref[perm],
+                    "reference_lengths": torch.maximum(ref_lengths, ref_lengths[perm]),
+                }
         augment = (lambda f, n: spec(f, n, gen)) if spec else None
         sync = not place.distributed or micro == cfg.grad_accum - 1
         with model.no_sync() if not sync else contextlib.nullcontext():
             with prec.autocast():
-                loss_value, acc = model(waves, lengths, labels, perm, lam, augment=augment)
+                loss_value, acc = model(waves, lengths, labels, perm, lam, augment=augment, **reference)
             prec.scale(loss_value / cfg.grad_accum).backward()
         step_loss += float(loss_value.detach()) / cfg.grad_accum
         step_acc += float(acc) / cfg.grad_accum

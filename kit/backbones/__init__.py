@@ -1,7 +1,8 @@
 """One door to every pretrained audio backbone: ``kit.backbones.load(name, checkpoint, **options)``.
 
 Each backbone lives in its own file (``beats.py``, ``eat.py``, ``fisher.py``; ``cnn.py``, a compact
-network trained from scratch; ``logmel.py``, the training-free log-mel frames) holding its
+network trained from scratch; ``logmel.py``, the training-free log-mel frames; ``nabeats.py``, MERL's
+NA-BEATs: frozen BEATs fusing the far channel by cross-attention, ``takes_reference``) holding its
 architecture, its named configurations (frozen dataclasses in ``CONFIGS``) and a pure
 ``filter_state(raw) -> (config, state)`` that turns a read checkpoint into its own names. Beside
 them, ``layers.py`` holds the layers EAT and FISHER share (attention, MLP, transformer block, 2-D
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BACKBONES = ("beats", "eat", "fisher", "cnn", "logmel")
+BACKBONES = ("beats", "eat", "fisher", "cnn", "logmel", "nabeats")
 DEFAULT_CACHE = Path(os.environ.get("KIT_CACHE", Path.home() / ".cache" / "dcase2026-kit"))
 
 
@@ -215,6 +216,8 @@ def load(
                 stacklevel=2,
             )
         return model
+    if hasattr(module, "release_checkpoint"):  # a release name (efficientat's mn10_as) -> its URL
+        checkpoint = module.release_checkpoint(checkpoint)
     return module.from_checkpoint(resolve_checkpoint(checkpoint, cache_dir), **options)
 
 

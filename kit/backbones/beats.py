@@ -323,8 +323,10 @@ class TransformerEncoder(nn.Module):
             self._bucket_cache[key] = buckets.to(device)
         return self._bucket_cache[key]
 
-    def forward(self, x: Tensor, padding_mask: Tensor, gradient_checkpointing: bool = False) -> Tensor:
-        """``x`` [B, N, D], ``padding_mask`` [B, N] (True = padding) -> [B, N, D]."""
+    def prepare(self, x: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """What the layers take: ``x`` after the position conv (and the input LayerNorm of a post-LN
+        model), the ungated relative position bias [H, N, N] (None without one), shared by every layer,
+        and the additive key mask [B, 1, 1, N] (None when no clip of the batch has padding)."""
         # zeroed padding makes the conv see, at a clip's end, the zeros it sees when the clip is alone
         x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
@@ -340,6 +342,11 @@ class TransformerEncoder(nn.Module):
         if padding_mask.any():
             key_mask = torch.zeros(padding_mask.shape, dtype=x.dtype, device=x.device)
             key_mask = key_mask.masked_fill(padding_mask, float("-inf"))[:, None, None, :]
+        return x, position_bias, key_mask
+
+    def forward(self, x: Tensor, padding_mask: Tensor, gradient_checkpointing: bool = False) -> Tensor:
+        """``x`` [B, N, D], ``padding_mask`` [B, N] (True = padding) -> [B, N, D]."""
+        x, position_bias, key_mask = self.prepare(x, padding_mask)
 
         decay = self.config.layer_wise_gradient_decay_ratio
         for layer in self.layers:
@@ -440,6 +447,13 @@ class BEATs(Backbone):
     def forward_features(self, fbank: Tensor, n_frames: Tensor) -> tuple[Tensor, Tensor]:
         """Encode front-end features (e.g. after SpecAugment): ``fbank`` [B, F, 128], ``n_frames`` [B] ->
         ``(tokens [B, N, D], padding_mask [B, N])``, N = F // 16 * 8; padded tokens are 0."""
+        x, padding_mask = self.patch_tokens(fbank, n_frames)
+        x = self.encoder(self.dropout_input(x), padding_mask, self.gradient_checkpointing)
+        return x.masked_fill(padding_mask[..., None], 0.0), padding_mask
+
+    def patch_tokens(self, fbank: Tensor, n_frames: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's input: patch embedding, LayerNorm and projection of ``fbank`` [B, F, 128] ->
+        ``(x [B, N, D], padding_mask [B, N])``, tokens time-major (t * 8 + f)."""
         patch = self.config.input_patch_size
         time_patches = fbank.shape[1] // patch
         n_tokens = torch.div(n_frames, patch, rounding_mode="floor") * self.freq_patches
@@ -454,8 +468,7 @@ class BEATs(Backbone):
         padding_mask = torch.arange(x.shape[1], device=x.device) >= n_tokens[:, None]
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)
-        x = self.encoder(self.dropout_input(x), padding_mask, self.gradient_checkpointing)
-        return x.masked_fill(padding_mask[..., None], 0.0), padding_mask
+        return x, padding_mask
 
     def forward(
         self,
