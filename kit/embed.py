@@ -33,8 +33,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kit import data
+from kit import data, heads
 from kit.files import atomic_path
+
+# "head": the embedder's own head, [N, D]; the others pool the backbone's grid tokens per band, [N, F, D]
+POOLINGS = ("head",) + heads.BAND_POOLINGS
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,10 @@ class ExtractConfig:
     batch invariant), or zero-padded/cut to ``seconds`` (``"pad_or_cut"``, EAT-ASP's 16 s) or a fixed
     crop. ``mask_padding``: the backbone is told how much of the input is audio, so added zeros are
     masked; False feeds the padding as input (EAT-ASP). ``window_seconds``/``window_hop``: embed
-    overlapping windows and average them (see the module docstring)."""
+    overlapping windows and average them (see the module docstring). ``pooling``: ``"head"`` (the
+    embedder's head: clip embeddings ``[N, D]``) or ``"band_mean"``/``"band_rdp"`` (the backbone's
+    own tokens before the head, kept per frequency band and pooled over time: per-band embeddings
+    ``[N, F, D]``, RDP with ``rdp_gamma``; see :func:`kit.heads.rdp_pool`)."""
 
     channels: tuple[str, ...] = ("near", "far")  # microphones and cancellers (w1, ss, ...: kit.denoise)
     front_end_settings: dict = dataclasses.field(default_factory=dict)  # canceller name -> settings
@@ -58,6 +64,8 @@ class ExtractConfig:
     batch_size: int = 16
     num_workers: int | None = None  # decoding processes beside the model; None: kit.data.default_workers()
     precision: str = "auto"  # kit.precision: bf16 autocast on 8.0+ GPUs, fp16 on 7.x, fp32 on the CPU
+    pooling: str = "head"  # "head" [N, D], or per band over time: "band_mean" / "band_rdp" [N, F, D]
+    rdp_gamma: float = heads.RDP_GAMMA
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -67,6 +75,7 @@ class ExtractConfig:
         _check_window(self.window_seconds, self.window_hop)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"extraction batch_size must be a positive integer, got {self.batch_size!r}")
+        _check_pooling(self.pooling, self.rdp_gamma)
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -114,6 +123,8 @@ class ExtractConfig:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             precision=self.precision,
+            pooling=self.pooling,
+            rdp_gamma=self.rdp_gamma,
         )
 
 
@@ -170,9 +181,37 @@ def _check_window(window_seconds: float | None, window_hop: float | None) -> tup
     return float(window_seconds), float(hop)
 
 
+def _check_pooling(pooling: str, rdp_gamma: float) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"extraction pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+    heads.BandPool("band_rdp", rdp_gamma)  # checks the gamma, whatever the pooling (a setting is a setting)
+
+
+class _GridEmbedder(torch.nn.Module):
+    """An embedder's backbone with per-band pooling over time in place of its head: ``(waves, lengths)
+    -> [B, F, D]`` from ``backbone.grid_tokens`` (the tokens before the head's projection)."""
+
+    def __init__(self, embedder: torch.nn.Module, pooling: str, rdp_gamma: float):
+        super().__init__()
+        self.backbone = getattr(embedder, "backbone", embedder)
+        if not getattr(self.backbone, "has_grid", False):
+            name = getattr(self.backbone, "name", "") or type(self.backbone).__name__
+            raise ValueError(
+                f"extraction pooling={pooling!r} pools the backbone's tokens per frequency band, but the "
+                f"{name} backbone has no time x frequency grid (has_grid is False): use pooling='head'"
+            )
+        self.pool = heads.BandPool(pooling, rdp_gamma)
+
+    def forward(self, waves, lengths, reference=None, reference_lengths=None) -> torch.Tensor:
+        tokens, padding_mask = self.backbone.grid_tokens(
+            waves, lengths, reference=reference, reference_lengths=reference_lengths
+        )
+        return self.pool(tokens, padding_mask)
+
+
 def _embed_waves(embedder, waves, lengths, device, prec, batch_size: int, reference=None) -> np.ndarray:
-    """Embeddings ``[len(waves), D]`` of 1-D waves whose first ``lengths[i]`` samples are audio,
-    ``batch_size`` waves per forward pass; ``reference``: ``(waves, lengths)`` of each wave's noise
+    """Embeddings ``[len(waves), D]`` (per band: ``[len(waves), F, D]``) of 1-D waves whose first
+    ``lengths[i]`` samples are audio, ``batch_size`` waves per forward pass; ``reference``: ``(waves, lengths)`` of each wave's noise
     reference (the far channel), for a backbone that takes one."""
     out = []
     for start in range(0, len(waves), batch_size):
@@ -297,6 +336,7 @@ def collapse_figure(emb: np.ndarray, sample: int = 512, seed: int = 0) -> float:
     """The mean cosine similarity between the embeddings of different clips (on at most ``sample``
     rows): near 1 when every clip maps to about the same direction, so KNN distances cannot rank them."""
     emb = np.asarray(emb, dtype=np.float64)
+    emb = emb.reshape(len(emb), -1)  # per-band embeddings [N, F, D]: the clip's whole vector
     if len(emb) > sample:
         emb = emb[np.random.default_rng(seed).choice(len(emb), sample, replace=False)]
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
@@ -310,7 +350,7 @@ def collapse_figure(emb: np.ndarray, sample: int = 512, seed: int = 0) -> float:
 
 def check_collapse(items: pd.DataFrame, emb: np.ndarray, name: str) -> dict[str, float]:
     """``{channel: collapse_figure}``, with a warning naming the branch where it exceeds
-    ``COLLAPSE_COSINE``."""
+    ``COLLAPSE_COSINE``; per-band embeddings ``[N, F, D]`` count as one vector per clip."""
     figures = {}
     for channel in dict.fromkeys(items["channel"]):
         rows = (items["channel"] == channel).to_numpy()
@@ -345,6 +385,8 @@ def compute_embeddings(
     precision: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
+    pooling: str = "head",
+    rdp_gamma: float = heads.RDP_GAMMA,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Embed every clip of ``index`` for every channel. Returns ``(items, emb)``: ``items`` holds the
     index columns plus ``channel``, one row per (clip, channel) in index order, channel-major.
@@ -354,9 +396,16 @@ def compute_embeddings(
     is then cut into windows (``window_hop`` apart, default half a window, see ``window_starts``) and
     the clip's embedding is the mean of its windows' embeddings. Clips are decoded by ``num_workers``
     loader processes (None: ``kit.data.default_workers()``) while the model runs, under the
-    ``precision`` policy of ``kit.precision``."""
+    ``precision`` policy of ``kit.precision``.
+
+    ``pooling``: ``"head"`` gives the embedder's output ``[N, D]``; ``"band_mean"``/``"band_rdp"`` the
+    backbone's grid tokens pooled per band over time (RDP with ``rdp_gamma``), ``[N, F, D]``, the
+    windows of a clip averaged per band."""
     from kit import precision as precision_policy
 
+    _check_pooling(pooling, rdp_gamma)
+    if pooling != "head":
+        embedder = _GridEmbedder(embedder, pooling, rdp_gamma)
     length = length or data.LengthPolicy(mode="none")
     window = _check_window(window_seconds, window_hop)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -390,15 +439,17 @@ def compute_embeddings(
                 pieces, piece_valid, owner = _windows(waves, valid, window)
                 cut = None if reference is None else _reference_windows(reference, valid, window)
                 per_window = _embed_waves(embedder, pieces, piece_valid, device, prec, batch_size, cut)
-                emb = np.zeros((len(waves), per_window.shape[1]), dtype=np.float32)
+                emb = np.zeros((len(waves),) + per_window.shape[1:], dtype=np.float32)
                 np.add.at(emb, owner, per_window)
-                emb /= np.bincount(owner, minlength=len(waves))[:, None]
+                counts = np.bincount(owner, minlength=len(waves))
+                emb /= counts.reshape((-1,) + (1,) * (emb.ndim - 1))  # per band too
             if out[channel] is None:
-                out[channel] = np.zeros((len(index), emb.shape[1]), dtype=np.float32)
+                out[channel] = np.zeros((len(index),) + emb.shape[1:], dtype=np.float32)
             out[channel][rows] = emb
     for channel, values in out.items():
         if not np.isfinite(values).all():
-            bad = index["path"].iloc[int(np.flatnonzero(~np.isfinite(values).all(1))[0])]
+            bad_rows = ~np.isfinite(values.reshape(len(values), -1)).all(1)
+            bad = index["path"].iloc[int(np.flatnonzero(bad_rows)[0])]
             hint = " (fp16 overflow? try precision='fp32')" if prec.mode == "fp16" else ""
             raise FloatingPointError(f"non-finite embedding for {bad} ({channel} channel){hint}")
     parts = [out[channel] for channel in channels]
@@ -423,13 +474,18 @@ def extract(
     precision: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
+    pooling: str = "head",
+    rdp_gamma: float = heads.RDP_GAMMA,
 ) -> tuple[pd.DataFrame, np.ndarray, Path]:
     """``compute_embeddings`` behind the cache. Returns ``(items, emb, cache_folder)``."""
+    _check_pooling(pooling, rdp_gamma)
     length = length or data.LengthPolicy(mode="none")
     window = _check_window(window_seconds, window_hop)
     fingerprint = data_fingerprint(index, channels, length, window, mask_padding, front_end_settings)
     if precision not in ("auto", "fp32"):  # a forced low precision gives other numbers: its own cache
         fingerprint += precision
+    if pooling != "head":  # only then, so the caches of head embeddings stay valid
+        fingerprint += f"|{pooling}" + (f"|gamma={float(rdp_gamma)!r}" if pooling == "band_rdp" else "")
     key = hashlib.sha1((model_fingerprint(embedder) + fingerprint).encode())
     folder = Path(run_dir) / "embeddings" / f"{name}-{key.hexdigest()[:12]}"
     if (folder / "emb.npy").exists() and (folder / "items.csv").exists():
@@ -448,6 +504,8 @@ def extract(
         precision=precision,
         device=device,
         progress=progress,
+        pooling=pooling,
+        rdp_gamma=rdp_gamma,
     )
     with atomic_path(folder) as tmp:
         tmp.mkdir()
