@@ -1,13 +1,26 @@
-"""Anomaly scores from embeddings: KNN and Mahalanobis backends, domain references, channel policies.
+"""Anomaly scores from embeddings: KNN, Mahalanobis and BEAM backends, domain references, channel policies.
 
 A clip is anomalous when its embedding lies far from the embeddings of the normal training clips of
-the same dataset, machine, section and channel (near and far are never mixed). Two distances:
+the same dataset, machine, section and channel (near and far are never mixed). Three distances, each
+a ``Backend`` in ``REGISTRY`` (a new distance is one class there, nothing else):
 
 * ``knn``: cosine distance to the ``k`` nearest normal training embeddings (mean over the k).
 * ``mahalanobis``: distance to the mean of the normal training embeddings under their covariance.
   With about 1,000 clips against hundreds of dimensions the empirical covariance is singular, so it
   is shrunk towards a scaled identity, ``C = (1 - delta) * S + delta * trace(S) / D * I`` (``S`` the
   maximum-likelihood covariance), with ``delta`` from Ledoit-Wolf or fixed.
+* ``beam``: BEAM + VarMin on per-band embeddings [N, F, D] (one vector per frequency band, from
+  band pooling): per band f the nearest reference is chosen separately, with the distance
+  ``0.5 (1 - cos)`` minus ``alpha[f] * b[i, f]``, where ``b[i, f]`` is reference i's mean distance to
+  its ``beam_neighbours`` (4) nearest other references and ``alpha[f]`` the variance-minimising
+  coefficient fitted leave-one-out on the references; the score is the mean over bands. A normal
+  clip whose bands resemble different normal clips (low band like clip A, high band like clip B)
+  scores low, which one whole-clip nearest neighbour cannot do; VarMin levels the score of clips
+  whose nearest reference lies in a sparse region. As kasahart/asd-experiments (``beam.md``), the
+  best public 2026 system's scorer.
+
+Per-band embeddings [N, F, D] also work with ``knn`` and ``mahalanobis``: each clip is flattened to
+[F * D]. ``beam`` needs them (clip embeddings [N, D] are refused with a message saying how to get them).
 
 Target-domain handling (only 10 target training clips per section): one pooled reference set, or
 separate source and target references scored apart with the smaller distance taken; optional
@@ -26,15 +39,19 @@ clips too:
 
 Training clips are scored too (for score normalisation and decision thresholds), leave-one-out: a
 training clip is never its own reference. Every function here works on whole matrices; the only
-Python loops run over (machine, section, channel) groups and over row chunks of a distance matrix.
+Python loops run over (machine, section, channel) groups, over reference sets and over row chunks
+of a distance matrix.
 
 Scores are a DataFrame with columns ``SCORE_COLUMNS``; larger = more anomalous.
 """
 
 from __future__ import annotations
 
+import abc
+import numbers
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -47,15 +64,23 @@ from kit.files import atomic_path
 SCORE_COLUMNS = ["dataset", "machine", "section", "split", "file_name", "domain", "label", "channel", "score"]
 GROUP_COLUMNS = ["dataset", "machine", "section"]
 CLIP_KEY = ["dataset", "machine", "section", "split", "file_name"]
-BACKENDS = ("knn", "mahalanobis")
 NORMALISATIONS = (None, "domain_mean", "domain_zscore", "local_density")
+# Normalisations score_group applies from a backend's distances; the others are a backend's own.
+_DOMAIN_NORMALISATIONS = ("domain_mean", "domain_zscore")
 
 # Policies over the microphones; any embedded channel (a canceller such as "w1") is a policy of its own.
-CHANNEL_POLICIES = ("near", "far", "mean", "zmean", "residual", "auto")
+CHANNEL_POLICIES = ("near", "far", "mean", "zmean", "residual", "orthogonal", "auto")
 SINGLE_CHANNEL = ("near", "far")
+# Policies made of a clip's near and far embeddings together.
+_PAIRED_POLICIES = ("mean", "zmean", "residual", "orthogonal")
 
 # Rows of the test matrix handled per distance block: bounds memory at CHUNK x R floats.
 _CHUNK_ROWS = 2048
+
+_PER_BAND_HINT = (
+    "needs per-band embeddings [N, F, D]: extract with pooling band_rdp/band_mean from a backbone "
+    "with a time x frequency grid"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,6 +90,20 @@ def _as_matrix(name: str, x) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [rows, dims], got shape {x.shape}")
+    return _finite(name, x)
+
+
+def _as_embeddings(name: str, x) -> np.ndarray:
+    """Clip embeddings [N, D] or per-band embeddings [N, F, D]."""
+    x = np.asarray(x)
+    if x.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must be clip embeddings [N, D] or per-band embeddings [N, F, D], got shape {x.shape}"
+        )
+    return _finite(name, x)
+
+
+def _finite(name: str, x: np.ndarray) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number):
         raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
     if not np.isfinite(x).all():
@@ -73,19 +112,37 @@ def _as_matrix(name: str, x) -> np.ndarray:
     return x
 
 
+def _per_clip(x: np.ndarray) -> str:
+    return f"{x.shape[1]} dims" if x.ndim == 2 else f"{x.shape[1]} bands x {x.shape[2]} dims"
+
+
 def _check_same_dims(test: np.ndarray, ref: np.ndarray) -> None:
-    if test.shape[1] != ref.shape[1]:
-        raise ValueError(f"test embeddings have {test.shape[1]} dims but references have {ref.shape[1]}")
+    if test.shape[1:] != ref.shape[1:]:
+        raise ValueError(f"test embeddings have {_per_clip(test)} but references have {_per_clip(ref)}")
 
 
 def _unit_rows(name: str, x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); a zero row has no direction, hence no cosine."""
+    """Vectors scaled to unit L2 norm along the last axis (float32): rows of [N, D], each band of
+    [N, F, D]; a zero vector has no direction, hence no cosine."""
     x = x.astype(np.float32, copy=False)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
     if (norms == 0).any():
-        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
-        raise ValueError(f"{name} row {row} is all zeros: the cosine distance is undefined for it")
+        where = np.argwhere(norms[..., 0] == 0)[0]
+        band = f" band {int(where[1])}" if x.ndim == 3 else ""
+        raise ValueError(
+            f"{name} row {int(where[0])}{band} is all zeros: the cosine distance is undefined for it"
+        )
     return x / norms
+
+
+class DegenerateScoresError(ValueError):
+    """A group's training scores are all equal (e.g. embeddings collapsed onto a few points), so they
+    cannot standardise anything."""
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +321,302 @@ def smote_oversample(points, n_new: int, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 # --------------------------------------------------------------------------------------------------
+# BEAM + VarMin on per-band embeddings
+# --------------------------------------------------------------------------------------------------
+def beam_distance(test, ref, *, varmin: bool = True, beam_neighbours: int = 4) -> np.ndarray:
+    """BEAM (+ VarMin) score of each test clip [M, F, D] against the reference clips [R, F, D].
+
+    Per band f: ``min_i 0.5 (1 - cos(test[f], ref[i, f])) - alpha[f] b[i, f]`` (``BeamBackend``);
+    the score is the mean over bands. ``varmin=False`` is plain BEAM (``alpha = 0``). Returns [M].
+    """
+    test = _as_embeddings("test", test)
+    ref = _as_embeddings("ref", ref)
+    for name, x in (("test", test), ("ref", ref)):
+        if x.ndim != 3:
+            raise ValueError(f"beam_distance {_PER_BAND_HINT} ({name} has shape {x.shape})")
+    _check_same_dims(test, ref)
+    options = dict(varmin=varmin, beam_neighbours=beam_neighbours)
+    BeamBackend.check(options, None)
+    return BeamBackend().fit(ref, **options).distances(test)
+
+
+class _BandMemory:
+    """Unit-length reference bands [F, R, D] and the BEAM distance ``0.5 (1 - cos)`` to them."""
+
+    def __init__(self, references: np.ndarray):
+        self.bands = np.ascontiguousarray(_unit_rows("references", references).transpose(1, 0, 2))
+
+    def rows_per_chunk(self) -> int:
+        # A block is [F, rows, R]: keep it near _CHUNK_ROWS x R floats whatever the number of bands.
+        return max(1, _CHUNK_ROWS // self.bands.shape[0])
+
+    def distances(self, unit_bands: np.ndarray) -> np.ndarray:
+        """[F, rows, D] unit vectors -> [F, rows, R] distances (float32), in place of the cosines."""
+        block = np.matmul(unit_bands, self.bands.transpose(0, 2, 1))
+        block *= -0.5
+        block += 0.5
+        return block
+
+    def neighbourhood(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per reference and band, itself left out: the mean distance to its ``n`` nearest references
+        ``b`` [R, F], its nearest reference [R, F] and the distance to it [R, F]."""
+        bands, refs = self.bands.shape[:2]
+        spread = np.empty((refs, bands))
+        nearest = np.empty((refs, bands), dtype=np.int64)
+        nearest_distance = np.empty((refs, bands))
+        step = self.rows_per_chunk()
+        for start in range(0, refs, step):
+            rows = np.arange(start, min(start + step, refs))
+            block = self.distances(self.bands[:, rows])
+            block[:, rows - start, rows] = np.inf  # a reference is not its own neighbour
+            closest = block.argmin(axis=2)
+            nearest[rows] = closest.T
+            nearest_distance[rows] = np.take_along_axis(block, closest[..., None], axis=2)[..., 0].T
+            spread[rows] = np.partition(block, n - 1, axis=2)[..., :n].mean(axis=2, dtype=np.float64).T
+        return spread, nearest, nearest_distance
+
+
+def varmin_alpha(nearest_distance: np.ndarray, nearest_spread: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Per-band VarMin coefficient: ``alpha[f] = Cov_z(u, v) / Var_z(v)``, the ``alpha`` that minimises
+    the variance of ``u - alpha v`` over the normal clips z, where ``u[z, f]`` is clip z's
+    leave-one-out nearest distance and ``v[z, f]`` that nearest reference's spread ``b``. A band
+    whose ``Var(v) <= eps`` gets 0 (as beam.md); alpha is not clipped, so scores may be negative."""
+    u = nearest_distance - nearest_distance.mean(axis=0)
+    v = nearest_spread - nearest_spread.mean(axis=0)
+    variance = (v * v).mean(axis=0)
+    covariance = (u * v).mean(axis=0)
+    return np.where(variance > eps, covariance / np.where(variance > eps, variance, 1.0), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends: one class per distance, one registry
+# --------------------------------------------------------------------------------------------------
+class Backend(abc.ABC):
+    """One way to measure how far test embeddings lie from one reference set.
+
+    A backend declares what it takes; ``score_group`` does the rest for every backend alike (the
+    reference sets of the domains, leave-one-out bookkeeping, SMOTE points, the domain
+    normalisations, the smaller distance over the sets):
+
+    * ``name``: its key in ``REGISTRY`` and in system names (``<branch>-<name>-<policy>``);
+    * ``options``: its own settings with their defaults (``k``, ``shrinkage``...). A setting only
+      other backends take is ignored, so one mapping of options serves every backend (and
+      ``score_branches`` takes ``{backend: value}`` for one backend's value);
+    * ``normalisations``: the ``NORMALISATIONS`` it supports. ``domain_mean`` / ``domain_zscore``
+      are applied by ``score_group`` from ``distances``; any other one (``local_density``) is the
+      backend's own, done in ``fit``;
+    * ``smote``: whether it takes synthetic (SMOTE) references;
+    * ``per_band``: True when it needs per-band embeddings [N, F, D]; other backends see a per-band
+      clip flattened to [F * D].
+
+    ``check(options, normalisation)`` rejects bad option values before any work. ``fit(references,
+    normalisation=..., **options)`` learns from the real references [R, ...]; a SMOTE backend also
+    gets ``synthetic`` points and their ``parents`` [S, 2] (rows of ``references``).
+    ``distances(test, loo)`` returns [M] float64, where ``loo[i]`` is the reference row test row i
+    is (-1: none): that reference, and synthetic points made from it, are left out for row i.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[dict] = {}
+    normalisations: ClassVar[tuple] = (None,)
+    smote: ClassVar[bool] = False
+    per_band: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, options: dict, normalisation) -> None:
+        """Raise ValueError for an option value the backend cannot use (``options`` holds its own)."""
+        return  # nothing to check unless a backend says otherwise
+
+    @abc.abstractmethod
+    def fit(self, references: np.ndarray, *, normalisation=None, **options) -> Backend: ...
+
+    @abc.abstractmethod
+    def distances(self, test: np.ndarray, loo: np.ndarray | None = None) -> np.ndarray: ...
+
+
+REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make ``cls`` a scoring backend under ``cls.name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"a scoring backend named {cls.name!r} is registered already")
+    unknown = sorted(set(cls.normalisations) - set(NORMALISATIONS), key=str)
+    if unknown:
+        raise ValueError(f"backend {cls.name!r}: unknown normalisations {unknown}; known: {NORMALISATIONS}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be one of {tuple(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+def _backend_options(kind: type[Backend], given: dict) -> dict:
+    """The backend's own options from ``given`` (defaults where absent); names no backend takes are an error."""
+    known = {name for cls in REGISTRY.values() for name in cls.options}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown scoring option(s) {unknown}; the backends take {sorted(known)}")
+    return {name: given.get(name, default) for name, default in kind.options.items()}
+
+
+def _takers(normalisation: str) -> str:
+    """The backends offering ``normalisation``, as an error message names them: ``backend='knn'`` or
+    ``backend in ('knn', 'mahalanobis')``."""
+    names = tuple(name for name, cls in REGISTRY.items() if normalisation in cls.normalisations)
+    return f"backend={names[0]!r}" if len(names) == 1 else f"backend in {names}"
+
+
+@register_backend
+class KnnBackend(Backend):
+    """Mean cosine distance to the ``k`` nearest references (``knn_distance``), optionally with each
+    reference's distances scaled by its local density (``normalisation="local_density"``)."""
+
+    name = "knn"
+    options = {"k": 1, "density_k": 1}
+    normalisations = (None, "domain_mean", "domain_zscore", "local_density")
+    smote = True
+
+    @classmethod
+    def check(cls, options, normalisation):
+        if normalisation == "local_density":
+            if options.get("smote"):
+                raise ValueError(
+                    "normalisation='local_density' and smote both re-weight the target domain; use one"
+                )
+            _positive_int("density_k", options["density_k"])
+
+    def fit(self, references, *, normalisation=None, k=1, density_k=1, synthetic=None, parents=None):
+        self.k, self.n_real = k, len(references)
+        origin = np.repeat(np.arange(self.n_real)[:, None], 2, axis=1)
+        self.n_smote = 0 if synthetic is None else len(synthetic)
+        if self.n_smote:
+            references = np.concatenate([references, synthetic])
+            origin = np.concatenate([origin, parents])
+        self.origin = origin
+        self.ref_unit = _unit_rows("train_emb", references)
+        self.scale = None
+        if normalisation == "local_density":
+            _check_k(
+                density_k,
+                self.n_real - 1,
+                f"reference set of {self.n_real} clips (density_k, itself left out)",
+            )
+            # Each reference's mean distance to its density_k nearest other references (itself left out).
+            self.scale = _knn_from_unit(
+                self.ref_unit, self.ref_unit, density_k, np.arange(len(self.ref_unit)), origin
+            )
+            if not (self.scale > 0).all():
+                raise DegenerateScoresError(
+                    f"{int((self.scale <= 0).sum())} references have {density_k} identical neighbours "
+                    "(collapsed embeddings?): their local density is undefined"
+                )
+        return self
+
+    def distances(self, test, loo=None):
+        # A left-out clip loses itself, so the set must hold k others.
+        left_out = 1 if loo is not None and (loo >= 0).any() else 0
+        _check_k(
+            self.k,
+            self.n_real + self.n_smote - left_out,
+            f"reference set of {self.n_real} clips (+{self.n_smote} SMOTE)",
+        )
+        return _knn_from_unit(
+            _unit_rows("test_emb", test), self.ref_unit, self.k, loo, self.origin, self.scale
+        )
+
+
+@register_backend
+class MahalanobisBackend(Backend):
+    """Mahalanobis distance to the references' shrinkage Gaussian (``mahalanobis_distance``), with
+    the exact leave-one-out distance for a reference clip (``_ShrunkGaussian.leave_one_out``)."""
+
+    name = "mahalanobis"
+    options = {"shrinkage": "ledoit_wolf"}
+    normalisations = (None, "domain_mean", "domain_zscore")
+
+    def fit(self, references, *, normalisation=None, shrinkage="ledoit_wolf"):
+        self.gaussian = _ShrunkGaussian(references, shrinkage)
+        return self
+
+    def distances(self, test, loo=None):
+        squared = self.gaussian.squared_distance(test)
+        if loo is not None:
+            member = loo >= 0
+            squared[member] = self.gaussian.leave_one_out(squared[member])
+        return np.sqrt(squared)
+
+
+@register_backend
+class BeamBackend(Backend):
+    """BEAM + VarMin over per-band embeddings (kasahart/asd-experiments ``src/asd_min/beam.md``).
+
+    One memory of reference clips [R, F, D] (the group's normal source and target clips together
+    unless ``separate_domains``). With ``D(q, y) = 0.5 (1 - cos(q, y))`` per band:
+
+    * ``b[i, f]``: reference i's mean distance to its ``beam_neighbours`` nearest other references;
+    * VarMin, on the references themselves, each left out of its own comparison: ``u[z, f]`` is the
+      distance from reference z to its nearest other reference ``j(z, f)`` and ``v[z, f] = b[j, f]``;
+      ``alpha[f] = Cov(u, v) / Var(v)`` (``varmin_alpha``);
+    * the score of clip q: ``mean_f min_i (D(q[f], y[i, f]) - alpha[f] b[i, f])``: the correction is
+      applied before the nearest reference is chosen, so it can choose another reference.
+
+    ``varmin=False`` keeps ``alpha = 0``: plain BEAM, the mean over bands of each band's nearest
+    distance. The score is not clipped and may be negative, so ``domain_mean`` (a division by the
+    mean leave-one-out score) is not offered; ``domain_zscore`` is.
+    """
+
+    name = "beam"
+    options = {"beam_neighbours": 4, "varmin": True}
+    normalisations = (None, "domain_zscore")
+    per_band = True
+
+    @classmethod
+    def check(cls, options, normalisation):
+        _positive_int("beam_neighbours", options["beam_neighbours"])
+        if not isinstance(options["varmin"], (bool, np.bool_)):
+            raise ValueError(f"varmin must be True or False, got {options['varmin']!r}")
+
+    def fit(self, references, *, normalisation=None, beam_neighbours=4, varmin=True):
+        self.memory = _BandMemory(references)
+        bands, refs = self.memory.bands.shape[:2]
+        self.spread = np.zeros((refs, bands))
+        self.alpha = np.zeros(bands)
+        if varmin:
+            if refs <= beam_neighbours:
+                raise ValueError(
+                    f"VarMin needs more than beam_neighbours={beam_neighbours} references, the memory "
+                    f"has {refs} clips: lower beam_neighbours or set varmin=False"
+                )
+            self.spread, nearest, nearest_distance = self.memory.neighbourhood(beam_neighbours)
+            nearest_spread = np.take_along_axis(self.spread, nearest, axis=0)
+            self.alpha = varmin_alpha(nearest_distance, nearest_spread)
+        return self
+
+    def distances(self, test, loo=None):
+        unit = _unit_rows("test_emb", test).transpose(1, 0, 2)  # [F, M, D]
+        offset = (self.alpha * self.spread).T[:, None, :].astype(np.float32)  # [F, 1, R]
+        out = np.empty(unit.shape[1], dtype=np.float64)
+        step = self.memory.rows_per_chunk()
+        for start in range(0, len(out), step):
+            stop = min(start + step, len(out))
+            block = self.memory.distances(np.ascontiguousarray(unit[:, start:stop]))
+            block -= offset
+            if loo is not None:
+                own = loo[start:stop]
+                rows = np.flatnonzero(own >= 0)
+                block[:, rows, own[rows]] = np.inf  # leave-one-out: never its own reference
+            out[start:stop] = block.min(axis=2).mean(axis=0, dtype=np.float64)
+        return out
+
+
+BACKENDS = tuple(REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------------
 # One group: references, domains, leave-one-out
 # --------------------------------------------------------------------------------------------------
 def score_group(
@@ -275,79 +628,105 @@ def score_group(
     separate_domains: bool = False,
     smote: int = 0,
     *,
-    shrinkage: str | float = "ledoit_wolf",
     seed: int = 0,
     loo_index=None,
     normalisation: str | None = None,
-    density_k: int = 1,
+    **options,
 ) -> np.ndarray:
-    """Score ``test_emb`` [M, D] against the normal training embeddings ``train_emb`` [R, D] of one group.
+    """Score ``test_emb`` [M, ...] against the normal training embeddings ``train_emb`` [R, ...] of one group.
 
+    Embeddings are clip embeddings [N, D] or per-band embeddings [N, F, D] (see ``Backend.per_band``).
+
+    * ``backend``: a name in ``REGISTRY`` (``BACKENDS``). ``k`` and ``options`` are backend
+      settings (``Backend.options``: ``k`` and ``density_k`` for knn, ``shrinkage`` for
+      mahalanobis, see ``mahalanobis_distance``, ``beam_neighbours`` and ``varmin`` for beam); a
+      backend ignores the settings of the others, a name no backend takes is an error.
     * ``separate_domains=False``: one reference set of all training clips. ``True``: source and
       target references (``train_domain`` "source" / "target") are scored apart and the smaller
       distance is kept, so a clip close to either domain's normal data scores low.
     * ``smote``: that many synthetic target references (``smote_oversample`` of the target clips,
-      seeded by ``seed``) join the target (or pooled) references. KNN only: interpolated points add
-      no direction to a covariance.
+      seeded by ``seed``) join the target (or pooled) references. Backends with ``smote`` only
+      (knn): interpolated points add no direction to a covariance.
     * ``loo_index[i]``: the row of ``train_emb`` that test row i is, same clip and same embedding (-1
       when it is not a reference); that clip, and SMOTE points made from it, are left out of test
       row i's references.
-    * ``shrinkage``: the Mahalanobis covariance shrinkage (see ``mahalanobis_distance``).
     * ``normalisation`` (``NORMALISATIONS``, see the module docstring): None keeps the raw distances.
       ``"domain_mean"`` divides each reference set's distances by the mean of its members'
-      leave-one-out distances to it (same backend, k and SMOTE points), ``"domain_zscore"``
+      leave-one-out distances to it (same backend, settings and SMOTE points), ``"domain_zscore"``
       subtracts that mean and divides by the standard deviation; both need ``separate_domains``
       (with one pooled set they change no ranking). ``"local_density"`` (KNN, no SMOTE) divides the
       distance to reference j by the mean distance from j to its ``density_k`` nearest other
       references of the same set; a left-out training clip keeps its place in the other
-      references' densities (a 1/R effect).
+      references' densities (a 1/R effect). A backend offers those in its ``normalisations``.
 
     Returns [M] float64 scores, larger = more anomalous.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    test_emb = _as_matrix("test_emb", test_emb)
-    train_emb = _as_matrix("train_emb", train_emb)
-    _check_same_dims(test_emb, train_emb)
+    kind = backend_class(backend)
+    settings = _backend_options(kind, {"k": k, **options})
+    test_emb, train_emb = _embeddings_for(kind, test_emb, train_emb)
     train_domain = np.asarray(train_domain, dtype=object)
     if len(train_domain) != len(train_emb):
         raise ValueError(
             f"train_domain has {len(train_domain)} entries for {len(train_emb)} training embeddings"
         )
-    _check_smote(smote, backend, train_domain)
-    _check_normalisation(normalisation, backend, separate_domains, smote, density_k)
+    _check_smote(smote, kind, train_domain)
+    _check_normalisation(normalisation, kind, separate_domains)
+    kind.check({**settings, "smote": smote}, normalisation)
     loo = _check_loo_index(loo_index, len(test_emb), len(train_emb))
     reference_sets = _reference_sets(train_domain, separate_domains)
     target_rows = np.flatnonzero(train_domain == "target")
 
     scores = np.full(len(test_emb), np.inf)
     for rows in reference_sets:
+        extra = {}
         # SMOTE points join whichever reference set holds the target clips.
-        n_smote = smote if smote > 0 and np.isin(target_rows, rows).all() else 0
-        if backend == "knn":
-            density = density_k if normalisation == "local_density" else 0
-            reference = (train_emb, rows, target_rows, k, n_smote, seed)
-            distance = _knn_reference_set(test_emb, *reference, loo, density)
-        else:
-            distance = _mahalanobis_reference_set(test_emb, train_emb, rows, shrinkage, loo)
-        if normalisation in ("domain_mean", "domain_zscore"):
+        if smote > 0 and np.isin(target_rows, rows).all():
+            synthetic, parents = smote_oversample(train_emb[target_rows], smote, seed=seed)
+            # rows is sorted, so searchsorted gives each target clip's row within the set
+            extra = dict(synthetic=synthetic, parents=np.searchsorted(rows, target_rows)[parents])
+        fitted = kind().fit(train_emb[rows], normalisation=normalisation, **settings, **extra)
+        distance = fitted.distances(test_emb, _local_loo(loo, rows, len(train_emb)))
+        if normalisation in _DOMAIN_NORMALISATIONS:
             # The set's own clips, each left out of the set: how far a normal clip of this domain lies.
-            if backend == "knn":
-                own = _knn_reference_set(train_emb[rows], *reference, rows)
-            else:
-                own = _mahalanobis_reference_set(train_emb[rows], train_emb, rows, shrinkage, rows)
+            own = fitted.distances(train_emb[rows], np.arange(len(rows)))
             distance = _standardise_by_own(distance, own, normalisation, train_domain[rows[0]])
         scores = np.minimum(scores, distance)
     if not np.isfinite(scores).all():
-        raise ValueError(f"k={k} leaves some clips without {k} references once their own clip is left out")
+        if "k" in kind.options:
+            raise ValueError(
+                f"k={k} leaves some clips without {k} references once their own clip is left out"
+            )
+        raise ValueError(f"{backend}: some clips have no reference left once their own clip is left out")
     return scores
 
 
-def _check_smote(smote, backend: str, train_domain: np.ndarray) -> None:
+def _embeddings_for(kind: type[Backend], test_emb, train_emb) -> tuple[np.ndarray, np.ndarray]:
+    """Checked embeddings in the shape the backend takes: per-band ones flattened for a clip backend."""
+    test_emb = _as_embeddings("test_emb", test_emb)
+    train_emb = _as_embeddings("train_emb", train_emb)
+    _check_same_dims(test_emb, train_emb)
+    if kind.per_band and train_emb.ndim != 3:
+        raise ValueError(f"backend {kind.name!r} {_PER_BAND_HINT} (got [N, D] clip embeddings)")
+    if not kind.per_band and train_emb.ndim == 3:
+        test_emb, train_emb = (x.reshape(len(x), -1) for x in (test_emb, train_emb))
+    return test_emb, train_emb
+
+
+def _local_loo(loo: np.ndarray | None, rows: np.ndarray, n_train: int) -> np.ndarray | None:
+    """``loo`` (training rows) as rows of the reference set ``rows`` (-1 where outside it)."""
+    if loo is None:
+        return None
+    local = np.full(n_train, -1)
+    local[rows] = np.arange(len(rows))
+    return np.where(loo >= 0, local[np.maximum(loo, 0)], -1)
+
+
+def _check_smote(smote, kind: type[Backend], train_domain: np.ndarray) -> None:
     if not isinstance(smote, (int, np.integer)) or smote < 0:
         raise ValueError(f"smote must be a non-negative integer, got {smote!r}")
-    if smote and backend != "knn":
-        raise ValueError("smote oversampling applies to the knn backend only")
+    if smote and not kind.smote:
+        names = [name for name, cls in REGISTRY.items() if cls.smote]
+        raise ValueError(f"smote oversampling applies to the {' and '.join(names)} backend only")
     n_target = int((train_domain == "target").sum())
     if smote and n_target < 2:
         raise ValueError(f"smote needs at least 2 target training clips, the group has {n_target}")
@@ -382,23 +761,25 @@ def _check_loo_index(loo_index, n_test: int, n_train: int) -> np.ndarray | None:
     return loo
 
 
-def _check_normalisation(normalisation, backend: str, separate_domains: bool, smote: int, density_k) -> None:
+def _check_normalisation(normalisation, kind: type[Backend], separate_domains: bool) -> None:
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
-    if normalisation in ("domain_mean", "domain_zscore") and not separate_domains:
+    if normalisation in _DOMAIN_NORMALISATIONS and not separate_domains:
         raise ValueError(
             f"normalisation={normalisation!r} puts separate source and target references on one scale: "
             "it needs separate_domains=True (on one pooled set it would change no ranking)"
         )
-    if normalisation == "local_density":
-        if backend != "knn":
-            raise ValueError("normalisation='local_density' scales KNN distances: it needs backend='knn'")
-        if smote:
-            raise ValueError(
-                "normalisation='local_density' and smote both re-weight the target domain; use one"
-            )
-        if isinstance(density_k, bool) or not isinstance(density_k, (int, np.integer)) or density_k < 1:
-            raise ValueError(f"density_k must be a positive integer, got {density_k!r}")
+    if normalisation not in kind.normalisations:
+        purpose = _NORMALISATION_PURPOSE.get(normalisation, "is not offered by this backend")
+        raise ValueError(
+            f"normalisation={normalisation!r} {purpose}: it needs {_takers(normalisation)} (not {kind.name!r})"
+        )
+
+
+_NORMALISATION_PURPOSE = {
+    "local_density": "scales KNN distances",
+    "domain_mean": "divides by the references' mean leave-one-out distance, which must be positive",
+}
 
 
 def _standardise_by_own(distance: np.ndarray, own: np.ndarray, normalisation: str, domain: str) -> np.ndarray:
@@ -418,44 +799,6 @@ def _standardise_by_own(distance: np.ndarray, own: np.ndarray, normalisation: st
             "cannot standardise by them (use normalisation='domain_mean')"
         )
     return (distance - mean) / std
-
-
-def _knn_reference_set(
-    test_emb, train_emb, rows, target_rows, k, n_smote, seed, loo, density_k: int = 0
-) -> np.ndarray:
-    refs = train_emb[rows]
-    origin = np.stack([rows, rows], axis=1)
-    if n_smote:
-        synthetic, parents = smote_oversample(train_emb[target_rows], n_smote, seed=seed)
-        refs = np.concatenate([refs, synthetic])
-        origin = np.concatenate([origin, target_rows[parents]])
-    # A left-out clip loses itself, so the set must hold k others.
-    left_out = 1 if loo is not None and np.isin(loo, rows).any() else 0
-    _check_k(k, len(rows) + n_smote - left_out, f"reference set of {len(rows)} clips (+{n_smote} SMOTE)")
-    ref_unit = _unit_rows("train_emb", refs)
-    scale = None
-    if density_k:
-        _check_k(density_k, len(rows) - 1, f"reference set of {len(rows)} clips (density_k, itself left out)")
-        # Each reference's mean distance to its density_k nearest other references (itself left out).
-        scale = _knn_from_unit(ref_unit, ref_unit, density_k, rows, origin)
-        if not (scale > 0).all():
-            raise DegenerateScoresError(
-                f"{int((scale <= 0).sum())} references have {density_k} identical neighbours "
-                "(collapsed embeddings?): their local density is undefined"
-            )
-    return _knn_from_unit(_unit_rows("test_emb", test_emb), ref_unit, k, loo, origin, scale)
-
-
-def _mahalanobis_reference_set(test_emb, train_emb, rows, shrinkage, loo) -> np.ndarray:
-    gaussian = _ShrunkGaussian(train_emb[rows], shrinkage)
-    squared = gaussian.squared_distance(test_emb)
-    if loo is not None:
-        # Test rows that are clips of this reference set (loo_index says test row i is that clip).
-        in_set = np.zeros(len(train_emb), dtype=bool)
-        in_set[rows] = True
-        member = (loo >= 0) & in_set[np.maximum(loo, 0)]
-        squared[member] = gaussian.leave_one_out(squared[member])
-    return np.sqrt(squared)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,11 +848,6 @@ def _score_channel(
     return scores
 
 
-class DegenerateScoresError(ValueError):
-    """A group's training scores are all equal (e.g. embeddings collapsed onto a few points), so they
-    cannot standardise anything."""
-
-
 def _standardise_on_train(clips: pd.DataFrame, scores: np.ndarray) -> np.ndarray:
     reference = ((clips["split"] == "train") & (clips["label"] == "normal")).to_numpy()
     std = scores[reference].std()
@@ -552,18 +890,21 @@ def score_embeddings(
     smote: int = 0,
     channel_policy: str = "near",
     include_train: bool = True,
-    shrinkage: str | float = "ledoit_wolf",
     seed: int = 0,
     normalisation: str | None = None,
-    density_k: int = 1,
+    residual_scale: float = 1.0,
+    far_directions: int = 0,
     progress: bool = True,
+    **options,
 ) -> pd.DataFrame:
     """Score every clip of ``(items, emb)`` per (dataset, machine, section) group.
 
-    References are the group's normal training clips of the same channel; training clips are scored
-    leave-one-out. ``backend``, ``k``, ``separate_domains``, ``smote``, ``shrinkage``, ``seed``,
-    ``normalisation`` and ``density_k`` are those of ``score_group``. ``channel_policy`` decides what one clip's score is made of (the output
-    ``channel`` column names the policy):
+    ``emb`` holds clip embeddings [N, D] or per-band embeddings [N, F, D]. References are the
+    group's normal training clips of the same channel; training clips are scored leave-one-out.
+    ``backend``, ``k``, ``separate_domains``, ``smote``, ``seed``, ``normalisation`` and the backend
+    settings in ``options`` (``shrinkage``, ``density_k``, ``beam_neighbours``, ``varmin``) are
+    those of ``score_group``. ``channel_policy`` decides what one clip's score is made of (the
+    output ``channel`` column names the policy):
 
     * ``"near"``: the near-channel embedding against near references (the submitted channel).
     * ``"far"``: the far-channel embedding against far references.
@@ -573,9 +914,18 @@ def score_embeddings(
       deviation of its own training-clip (leave-one-out) scores, then averaged per clip (the two
       channels' distances can live on different scales; this puts them on one).
     * ``"residual"``: the noise-aware policy. The far microphone hears the environment about as the
-      near one does but the machine less, so ``near_emb - far_emb`` cancels what both share (noise)
-      and keeps the machine part; the residual is rescaled to unit length and scored as its own
-      channel (references: the residuals of the normal training clips).
+      near one does but the machine less, so ``near_emb - residual_scale * far_emb`` cancels what
+      both share (noise) and keeps the machine part; the residual is rescaled to unit length (per
+      band for per-band embeddings) and scored as its own channel (references: the residuals of
+      the normal training clips). ``residual_scale`` 1 by default; Kim_LUDO's 2026 system used 0.5.
+    * ``"orthogonal"``: the near embedding with the far channel's noise direction removed
+      (``remove_far_directions``): from every near embedding, test and reference alike, its
+      component along its own clip's far embedding (centred on the group's normal far
+      embeddings), and with ``far_directions`` > 0 also along that many principal directions of
+      the group's normal far embeddings, per band for per-band embeddings; rescaled to unit length
+      and scored as its own channel. Unlike ``residual`` it needs no gain: whatever amount of the
+      clip's far-channel noise the near embedding carries, it is removed.
+    * ``"auto"`` or an embedded channel (a canceller such as ``"w1"``): see ``choose_channel``.
 
     Returns a scores DataFrame (``SCORE_COLUMNS``), one row per clip, training clips included when
     ``include_train``.
@@ -585,7 +935,13 @@ def score_embeddings(
             f"channel_policy must be one of {CHANNEL_POLICIES} or an embedded channel "
             f"({', '.join(data.channel_names())}), got {channel_policy!r}"
         )
-    emb = _as_matrix("emb", emb)
+    kind = backend_class(backend)
+    _backend_options(kind, {"k": k, **options})  # a misspelt setting fails before any work
+    emb = _as_embeddings("emb", emb)
+    if kind.per_band and emb.ndim != 3:
+        raise ValueError(f"backend {backend!r} {_PER_BAND_HINT} (got embeddings of shape {emb.shape})")
+    _check_residual_scale(residual_scale)
+    _check_far_directions(far_directions)
     _check_items(items, emb)
     items = items.reset_index(drop=True)
     candidates = ["near"] + [c for c in dict.fromkeys(items["channel"]) if c not in ("near", "far")]
@@ -594,10 +950,9 @@ def score_embeddings(
         k=k,
         separate_domains=separate_domains,
         smote=smote,
-        shrinkage=shrinkage,
         seed=seed,
         normalisation=normalisation,
-        density_k=density_k,
+        **options,
     )
 
     parts = []
@@ -606,7 +961,7 @@ def score_embeddings(
         groups, total=groups.ngroups, desc=f"score {backend}/{channel_policy}", disable=not progress
     ):
         label = channel_policy
-        if channel_policy not in ("mean", "zmean", "residual"):
+        if channel_policy not in _PAIRED_POLICIES:
             channel = channel_policy
             if channel_policy == "auto":
                 channel = choose_channel(group, emb, candidates)
@@ -626,15 +981,89 @@ def score_embeddings(
                 near_scores = _standardise_on_train(clips, _score_channel(clips, emb[near_rows], options))
                 far_scores = _standardise_on_train(clips, _score_channel(clips, emb[far_rows], options))
                 scores = (near_scores + far_scores) / 2.0
-            else:
-                residual = emb[near_rows].astype(np.float32) - emb[far_rows].astype(np.float32)
-                residual = _unit_rows("near - far residual", residual)
+            elif channel_policy == "residual":
+                near, far = emb[near_rows].astype(np.float32), emb[far_rows].astype(np.float32)
+                residual = _unit_rows("near - far residual", near - np.float32(residual_scale) * far)
                 scores = _score_channel(clips, residual, options, include_train)
+            else:
+                kept = remove_far_directions(
+                    emb[near_rows], emb[far_rows], _is_reference(clips), far_directions
+                )
+                kept = _unit_rows("near orthogonal to far", kept)
+                scores = _score_channel(clips, kept, options, include_train)
         part = clips[_ITEM_COLUMNS].assign(channel=label, score=scores)
         parts.append(part if include_train else part[part["split"] != "train"])
     if not parts:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     return pd.concat(parts, ignore_index=True)[SCORE_COLUMNS]
+
+
+def _is_reference(clips: pd.DataFrame) -> np.ndarray:
+    return ((clips["split"] == "train") & (clips["label"] == "normal")).to_numpy()
+
+
+def _check_residual_scale(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise ValueError(
+            f"residual_scale must be a finite number (near - residual_scale * far), got {value!r}"
+        )
+
+
+def _check_far_directions(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"far_directions must be a non-negative integer, got {value!r}")
+
+
+def remove_far_directions(near, far, reference, far_directions: int = 0) -> np.ndarray:
+    """The near embeddings with the far channel's noise directions projected out (the
+    ``"orthogonal"`` channel policy), for one group's clips paired row by row.
+
+    ``near`` and ``far``: [N, D], or [N, F, D] handled band by band; ``reference``: [N] bool, the
+    group's normal training clips. Each clip's noise direction is its far embedding minus the mean
+    far embedding of the references: that mean is what the far microphone hears on every clip (the
+    machine, the usual environment, and whatever every embedding shares), so it is not removed;
+    what changes from clip to clip at the far microphone, where the machine is weaker, is mostly
+    the environment. Every near embedding, test and reference alike, loses its component along
+    its own clip's noise direction; with ``far_directions`` = p > 0 it also loses its components
+    along the top p principal directions of the references' centred far embeddings (noise that
+    recurs over the recordings), the clip's own direction then taken orthogonal to them (the
+    projection removes their span). A clip whose far embedding is the mean has no direction of its
+    own to remove. The cost: the machine's part along the removed directions (about p + 1 of D
+    dimensions). Returns float64 of ``near``'s shape.
+    """
+    near = np.asarray(near, dtype=np.float64)
+    far = np.asarray(far, dtype=np.float64)
+    reference = np.asarray(reference, dtype=bool)
+    if near.shape != far.shape or near.ndim not in (2, 3):
+        raise ValueError(
+            f"near and far must be paired embeddings of one shape [N, D] or [N, F, D], got {near.shape} and {far.shape}"
+        )
+    if reference.shape != (len(near),) or not reference.any():
+        raise ValueError(f"reference must be a [{len(near)}] boolean mask with at least one reference clip")
+    _check_far_directions(far_directions)
+    if far_directions >= min(int(reference.sum()), near.shape[-1]):
+        raise ValueError(
+            f"far_directions={far_directions} must be below the {int(reference.sum())} reference clips "
+            f"and the {near.shape[-1]} dimensions"
+        )
+    per_band = near.ndim == 3
+    if not per_band:
+        near, far = near[:, None], far[:, None]
+    noise = far - far[reference].mean(axis=0)
+    kept = near.copy()
+    own_norm = np.linalg.norm(noise, axis=-1, keepdims=True)
+    if far_directions:
+        centred = noise[reference].transpose(1, 0, 2)  # [F, R, D]
+        _, vectors = np.linalg.eigh(np.matmul(centred.transpose(0, 2, 1), centred))  # ascending
+        basis = vectors[:, :, ::-1][:, :, :far_directions]  # [F, D, p]
+        for x in (kept, noise):
+            x -= np.einsum("nfp,fdp->nfd", np.einsum("nfd,fdp->nfp", x, basis), basis)
+    norm = np.linalg.norm(noise, axis=-1, keepdims=True)
+    # Round-off left after the principal directions (or a far embedding at the mean) has no direction.
+    has_direction = norm > 1e-9 * np.maximum(own_norm, np.finfo(float).tiny)
+    unit = np.divide(noise, norm, out=np.zeros_like(noise), where=has_direction)
+    kept -= np.sum(kept * unit, axis=-1, keepdims=True) * unit
+    return kept if per_band else kept[:, 0]
 
 
 def channel_separability(clips: pd.DataFrame, emb: np.ndarray) -> float:
@@ -646,7 +1075,7 @@ def channel_separability(clips: pd.DataFrame, emb: np.ndarray) -> float:
     labels = (clips["attributes"].astype(str) + "|" + clips["domain"].astype(str)).to_numpy()[train]
     if len(set(labels)) < 2 or len(labels) < 3:
         return 0.0
-    unit = _unit_rows("embeddings", emb[train])
+    unit = _unit_rows("embeddings", emb[train].reshape(int(train.sum()), -1))  # per-band: whole clips
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     predicted = labels[similarity.argmax(axis=1)]
@@ -684,7 +1113,7 @@ def auto_choices(systems: dict[str, pd.DataFrame]) -> dict[str, dict[str, str]]:
 
 def _policy_applies(policy: str, channels: set) -> bool:
     """Whether a branch embedded on ``channels`` can be scored with ``policy``."""
-    if policy in ("far", "mean", "zmean", "residual"):
+    if policy == "far" or policy in _PAIRED_POLICIES:
         return "far" in channels
     if policy == "auto":  # near or a canceller: on mono data (or without cancellers) the near channel
         return "near" in channels
@@ -697,9 +1126,11 @@ def _for_backend(options: dict, backend: str) -> dict:
     chosen = {}
     for key, value in options.items():
         if isinstance(value, dict):
-            unknown = sorted(set(value) - set(BACKENDS))
+            unknown = sorted(set(value) - set(REGISTRY))
             if unknown:
-                raise ValueError(f"{key}: per-backend values must be keyed by {BACKENDS}, got {unknown}")
+                raise ValueError(
+                    f"{key}: per-backend values must be keyed by {tuple(REGISTRY)}, got {unknown}"
+                )
             if backend in value:
                 chosen[key] = value[backend]
         else:
@@ -717,21 +1148,29 @@ def score_branches(
 
     ``embeddings`` maps a branch name to its ``(items, emb)``; ``options`` go to ``score_embeddings``
     (a value given as ``{backend: value}`` applies to that backend only). Policies over channels a
-    branch has not embedded (far, a canceller) are skipped; ``auto`` is there whenever near is (it
-    is the near channel where no canceller was embedded, so a fusion list naming it runs on any data). A
-    combination whose training scores are degenerate (``DegenerateScoresError``) is left out with a
-    warning naming it, so one collapsed branch does not stop the others from being scored."""
+    branch has not embedded (far, a canceller) are skipped, and so are per-band backends (beam) for
+    a branch of clip embeddings [N, D]; ``auto`` is there whenever near is (it is the near channel
+    where no canceller was embedded, so a fusion list naming it runs on any data). A combination
+    whose training scores are degenerate (``DegenerateScoresError``) is left out with a warning
+    naming it, so one collapsed branch does not stop the others from being scored."""
+    kinds = [backend_class(backend) for backend in backends]
     systems = {}
     for branch, (items, emb) in embeddings.items():
         present = set(items["channel"])
-        for backend in backends:
+        for kind in kinds:
+            if kind.per_band and np.ndim(emb) != 3:
+                continue
             for policy in channel_policies:
                 if not _policy_applies(policy, present):
                     continue
-                name = f"{branch}-{backend}-{policy}"
+                name = f"{branch}-{kind.name}-{policy}"
                 try:
                     systems[name] = score_embeddings(
-                        items, emb, backend=backend, channel_policy=policy, **_for_backend(options, backend)
+                        items,
+                        emb,
+                        backend=kind.name,
+                        channel_policy=policy,
+                        **_for_backend(options, kind.name),
                     )
                 except DegenerateScoresError as err:
                     warnings.warn(f"{name} left out: {err}", stacklevel=2)

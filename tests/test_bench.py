@@ -90,6 +90,8 @@ def test_scoring_and_denoise_benchmarks_print_their_tables(capsys):
     assert cli.main(["bench-scoring", "--machines", "1", "--dims", "8", "--fusion-branches", "0"]) == 0
     out = capsys.readouterr().out
     assert "clips scored" in out and "mahalanobis" in out and "total:" in out
+    # BEAM rows on per-band embeddings of 8 bands x dims and 4 x dims / 2
+    assert "beam" in out and " 8 x 8 " in out and " 4 x 4 " in out and "peak MiB" in out
     assert cli.main(["bench-denoise", "--batch", "1", "--seconds", "0.5", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "ms/clip" in out and all(f" {method} " in out for method in denoise.CANCELLERS)

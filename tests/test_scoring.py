@@ -601,3 +601,362 @@ def test_domain_options_tool_names_a_run_without_the_branch(tmp_path, capsys):
     assert domain_options.main([str(tmp_path), "--branches", "cnn"]) == 2
     err = capsys.readouterr().err
     assert "branch 'cnn' is not recorded" in err and str(tmp_path) in err and not err.startswith('error: "')
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends through one registry
+# --------------------------------------------------------------------------------------------------
+class _CentroidBackend(scoring.Backend):
+    """A toy backend: cosine distance to the mean direction of the references (the clip itself left out)."""
+
+    name = "centroid"
+    options = {"power": 1}
+
+    def fit(self, references, *, normalisation=None, power=1):
+        self.unit = references / np.linalg.norm(references, axis=1, keepdims=True)
+        self.power = power
+        return self
+
+    def distances(self, test, loo=None):
+        total = np.broadcast_to(self.unit.sum(axis=0), test.shape).copy()
+        if loo is not None:
+            total[loo >= 0] -= self.unit[loo[loo >= 0]]
+        cos = (
+            np.einsum("ij,ij->i", test, total) / np.linalg.norm(test, axis=1) / np.linalg.norm(total, axis=1)
+        )
+        return (1 - cos) ** self.power
+
+
+def test_a_registered_backend_is_scored_everywhere_with_its_own_options(monkeypatch):
+    monkeypatch.setattr(scoring, "REGISTRY", dict(scoring.REGISTRY))
+    assert scoring.BACKENDS == ("knn", "mahalanobis", "beam")
+    scoring.register_backend(_CentroidBackend)
+    with pytest.raises(ValueError, match="registered already"):
+        scoring.register_backend(_CentroidBackend)
+    rng = np.random.default_rng(20)
+    clips = clip_table(n_source=10, n_target=3, n_normal=3, n_anomaly=3)
+    meta, emb = with_channels(clips), rng.normal(size=(len(clips), 5))
+    systems = scoring.score_branches(
+        {"a": (meta, emb)}, ("knn", "centroid"), ("near",), power={"centroid": 2}, progress=False
+    )
+    assert sorted(systems) == ["a-centroid-near", "a-knn-near"]
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    # a test clip against the mean of the 13 training clips; a training clip against the other 12
+    test_cos = (
+        unit[13:] @ unit[:13].sum(0) / np.linalg.norm(unit[13:], axis=1) / np.linalg.norm(unit[:13].sum(0))
+    )
+    np.testing.assert_allclose(systems["a-centroid-near"]["score"].to_numpy()[13:], (1 - test_cos) ** 2)
+    others = unit[:13].sum(0) - unit[0]
+    assert systems["a-centroid-near"]["score"].iloc[0] == pytest.approx(
+        (1 - unit[0] @ others / np.linalg.norm(others)) ** 2
+    )
+    # the knn backend ignores the centroid's setting; what the backend does not declare, it refuses
+    np.testing.assert_allclose(
+        systems["a-knn-near"]["score"], scoring.score_embeddings(meta, emb, progress=False)["score"]
+    )
+    with pytest.raises(ValueError, match="smote oversampling applies to the knn backend only"):
+        scoring.score_embeddings(meta, emb, backend="centroid", smote=3, progress=False)
+    with pytest.raises(ValueError, match="needs backend='knn'"):
+        scoring.score_embeddings(meta, emb, backend="centroid", normalisation="local_density", progress=False)
+    with pytest.raises(ValueError, match=r"unknown scoring option\(s\) \['powr'\]"):
+        scoring.score_embeddings(meta, emb, backend="centroid", powr=2, progress=False)
+    with pytest.raises(ValueError, match="per-backend values must be keyed by"):
+        scoring.score_branches({"a": (meta, emb)}, ("centroid",), ("near",), power={"lof": 1}, progress=False)
+
+
+def test_per_band_embeddings_are_flattened_for_knn_and_mahalanobis():
+    rng = np.random.default_rng(21)
+    clips = clip_table(n_source=30, n_target=0, n_normal=4, n_anomaly=4)
+    per_band = rng.normal(size=(len(clips), 3, 4))
+    flat = per_band.reshape(len(clips), 12)
+    for backend in ("knn", "mahalanobis"):
+        banded = scoring.score_embeddings(with_channels(clips), per_band, backend=backend, progress=False)
+        plain = scoring.score_embeddings(with_channels(clips), flat, backend=backend, progress=False)
+        np.testing.assert_allclose(banded["score"], plain["score"])
+    with pytest.raises(ValueError, match="3 bands x 4 dims but references have 3 bands x 5 dims"):
+        scoring.score_group(per_band[:2], rng.normal(size=(5, 3, 5)), ["source"] * 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# BEAM + VarMin
+# --------------------------------------------------------------------------------------------------
+def _unit_bands(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _brute_beam(test, refs, alpha, spread, loo=None):
+    """beam.md by loops: per clip and band the smallest D - alpha b over the references, mean over bands."""
+    test, refs = _unit_bands(test), _unit_bands(refs)
+    out = []
+    for m, q in enumerate(test):
+        bands = []
+        for f in range(refs.shape[1]):
+            values = [
+                0.5 * (1 - q[f] @ refs[i, f]) - alpha[f] * spread[i, f]
+                for i in range(len(refs))
+                if loo is None or loo[m] != i
+            ]
+            bands.append(min(values))
+        out.append(np.mean(bands))
+    return np.array(out)
+
+
+def _brute_varmin(refs, n=4):
+    """b[i, f] (mean distance to the n nearest others) and alpha[f] = Cov(u, v) / Var(v), by loops."""
+    refs = _unit_bands(refs)
+    count, bands = refs.shape[:2]
+    spread, alpha = np.zeros((count, bands)), np.zeros(bands)
+    for f in range(bands):
+        d = 0.5 * (1 - refs[:, f] @ refs[:, f].T)
+        np.fill_diagonal(d, np.inf)
+        spread[:, f] = [np.mean(sorted(row)[:n]) for row in d]
+        nearest = d.argmin(axis=1)
+        u, v = d[np.arange(count), nearest], spread[nearest, f]
+        alpha[f] = np.mean((u - u.mean()) * (v - v.mean())) / np.var(v)
+    return alpha, spread
+
+
+def test_beam_chooses_the_nearest_reference_of_each_band_apart():
+    """Low band like reference A, high band like reference B: BEAM finds both (score 0), while the
+    nearest reference of the flattened clip is C, close to neither band."""
+    e0, e1 = np.eye(2)
+    c = _unit_bands(e0 + 0.5 * e1)
+    refs = np.array([[e0, e1], [e1, e0], [c, c]])  # A, B, C: [3 clips, 2 bands, 2 dims]
+    query = np.array([[e0, e0]])
+    flat = _unit_bands(refs.reshape(3, 4)) @ _unit_bands(query.reshape(1, 4))[0]
+    assert flat.argmax() == 2  # the flattened nearest is C
+    assert scoring.beam_distance(query, refs, varmin=False)[0] == pytest.approx(0.0, abs=1e-6)
+    # through C alone each band lies 0.5 (1 - cos) away
+    assert scoring.beam_distance(query, refs[2:], varmin=False)[0] == pytest.approx(
+        0.5 * (1 - c @ e0), rel=1e-5
+    )
+    assert scoring.score_group(query, refs, ["source"] * 3, backend="beam", varmin=False)[0] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert scoring.knn_distance(query.reshape(1, 4), refs.reshape(3, 4))[0] > 0.05
+
+
+def test_beam_with_varmin_follows_beam_md_formulas():
+    rng = np.random.default_rng(22)
+    refs = rng.normal(size=(14, 3, 6)) + np.array([1.0, 0, 0, 0, 0, 0])
+    refs[:4] += rng.normal(size=(4, 3, 6)) * 2  # a sparse part of the memory: VarMin has work to do
+    test = rng.normal(size=(9, 3, 6))
+    alpha, spread = _brute_varmin(refs)
+    fitted = scoring.REGISTRY["beam"]().fit(refs)
+    np.testing.assert_allclose(fitted.spread, spread, rtol=1e-5)
+    np.testing.assert_allclose(fitted.alpha, alpha, rtol=1e-4, atol=1e-6)
+    assert np.abs(alpha).min() > 1e-3
+    np.testing.assert_allclose(
+        scoring.beam_distance(test, refs), _brute_beam(test, refs, alpha, spread), atol=1e-5
+    )
+    # training clips, leave-one-out: the memory (and alpha) keep every clip, the clip's own entry is skipped
+    loo = scoring.score_group(refs, refs, ["source"] * 14, backend="beam", loo_index=np.arange(14))
+    np.testing.assert_allclose(loo, _brute_beam(refs, refs, alpha, spread, loo=np.arange(14)), atol=1e-5)
+    # two neighbours instead of four
+    alpha2, spread2 = _brute_varmin(refs, n=2)
+    np.testing.assert_allclose(
+        scoring.beam_distance(test, refs, beam_neighbours=2),
+        _brute_beam(test, refs, alpha2, spread2),
+        atol=1e-5,
+    )
+
+
+def test_varmin_with_alpha_zero_is_plain_beam():
+    rng = np.random.default_rng(23)
+    refs, test = rng.normal(size=(20, 4, 8)), rng.normal(size=(7, 4, 8))
+    fitted = scoring.REGISTRY["beam"]().fit(refs)
+    assert np.abs(fitted.alpha).max() > 1e-3
+    corrected = fitted.distances(test)
+    fitted.alpha[:] = 0.0
+    plain = scoring.beam_distance(test, refs, varmin=False)
+    np.testing.assert_allclose(fitted.distances(test), plain, atol=1e-7)
+    np.testing.assert_allclose(plain, _brute_beam(test, refs, np.zeros(4), np.zeros((20, 4))), atol=1e-6)
+    assert not np.allclose(corrected, plain, atol=1e-4)
+
+
+def test_beam_leave_one_out_never_picks_the_clip_itself():
+    rng = np.random.default_rng(24)
+    clips = clip_table(n_source=16, n_target=4, n_normal=3, n_anomaly=3)
+    emb = rng.normal(size=(len(clips), 2, 5)).astype(np.float32)
+    emb[20:23] = emb[:3]  # test clips equal to training clips: those are their nearest at distance 0
+    for varmin in (False, True):
+        scores = scoring.score_embeddings(
+            with_channels(clips), emb, backend="beam", varmin=varmin, progress=False
+        )
+        alpha, spread = _brute_varmin(emb[:20]) if varmin else (np.zeros(2), np.zeros((20, 2)))
+        expected_train = _brute_beam(emb[:20], emb[:20], alpha, spread, loo=np.arange(20))
+        np.testing.assert_allclose(scores["score"].to_numpy()[:20], expected_train, atol=1e-5)
+        np.testing.assert_allclose(
+            scores["score"].to_numpy()[20:], _brute_beam(emb[20:], emb[:20], alpha, spread), atol=1e-5
+        )
+    plain = scoring.score_embeddings(with_channels(clips), emb, backend="beam", varmin=False, progress=False)
+    assert (plain["score"].to_numpy()[:20] > 1e-3).all()  # never its own copy
+    np.testing.assert_allclose(plain["score"].to_numpy()[20:23], 0.0, atol=1e-6)  # a test clip meets it
+    with pytest.raises(ValueError, match="beam: some clips have no reference left"):
+        scoring.score_group(
+            emb[:1], emb[:1], ["source"], backend="beam", varmin=False, loo_index=np.array([0])
+        )
+
+
+def test_beam_refuses_what_it_cannot_do():
+    rng = np.random.default_rng(25)
+    clips = clip_table(n_source=10, n_target=3, n_normal=2, n_anomaly=2)
+    meta = with_channels(clips)
+    per_band, flat = rng.normal(size=(len(clips), 2, 4)), rng.normal(size=(len(clips), 8))
+    hint = r"needs per-band embeddings \[N, F, D\]: extract with pooling band_rdp/band_mean"
+    with pytest.raises(ValueError, match=hint):
+        scoring.score_embeddings(meta, flat, backend="beam", progress=False)
+    with pytest.raises(ValueError, match=hint):
+        scoring.score_group(flat[10:], flat[:10], ["source"] * 10, backend="beam")
+    with pytest.raises(ValueError, match=hint):
+        scoring.beam_distance(flat, flat)
+    train, domain = per_band[:13], ["source"] * 10 + ["target"] * 3
+    with pytest.raises(ValueError, match="smote oversampling applies to the knn backend only"):
+        scoring.score_group(per_band, train, domain, backend="beam", smote=5)
+    with pytest.raises(ValueError, match="needs backend='knn' \\(not 'beam'\\)"):
+        scoring.score_group(per_band, train, domain, backend="beam", normalisation="local_density")
+    with pytest.raises(ValueError, match=r"needs backend in \('knn', 'mahalanobis'\)"):
+        scoring.score_group(
+            per_band, train, domain, backend="beam", separate_domains=True, normalisation="domain_mean"
+        )
+    with pytest.raises(ValueError, match="beam_neighbours must be a positive integer"):
+        scoring.score_group(per_band, train, domain, backend="beam", beam_neighbours=0)
+    with pytest.raises(ValueError, match="varmin must be True or False"):
+        scoring.score_group(per_band, train, domain, backend="beam", varmin="yes")
+    with pytest.raises(
+        ValueError, match="VarMin needs more than beam_neighbours=4 references, the memory has 3"
+    ):
+        scoring.score_group(per_band, train, domain, backend="beam", separate_domains=True)
+    # separate memories and their z-scores work where the memory is large enough
+    scores = scoring.score_group(
+        per_band,
+        train,
+        domain,
+        backend="beam",
+        separate_domains=True,
+        beam_neighbours=1,
+        normalisation="domain_zscore",
+    )
+    assert np.isfinite(scores).all()
+
+
+def test_score_branches_runs_beam_on_per_band_branches_only():
+    rng = np.random.default_rng(26)
+    clips = clip_table(n_source=10, n_target=3, n_normal=2, n_anomaly=2)
+    meta = with_channels(clips)
+    systems = scoring.score_branches(
+        {"clip": (meta, rng.normal(size=(len(meta), 8))), "band": (meta, rng.normal(size=(len(meta), 2, 4)))},
+        ("knn", "beam"),
+        ("near",),
+        progress=False,
+    )
+    assert sorted(systems) == ["band-beam-near", "band-knn-near", "clip-knn-near"]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        scoring.score_branches({"clip": (meta, rng.normal(size=(len(meta), 8)))}, ("lof",), ("near",))
+
+
+# --------------------------------------------------------------------------------------------------
+# Channel policies: residual scale, the far channel as a noise direction
+# --------------------------------------------------------------------------------------------------
+def test_residual_scale_is_the_far_gain_and_works_per_band():
+    rng = np.random.default_rng(27)
+    clips = clip_table(n_source=60, n_target=0, n_normal=30, n_anomaly=30)
+    dims = 12
+    machine = np.tile(np.eye(dims)[0] * 3, (len(clips), 1)) + 0.1 * rng.normal(size=(len(clips), dims))
+    machine[(clips["label"] == "anomaly").to_numpy()] += np.eye(dims)[1] * 1.5
+    noise = 6 * rng.normal(size=(len(clips), dims))
+    meta = with_channels(clips, ("near", "far"))
+    emb = np.concatenate([machine + noise, 2 * noise])  # the far microphone hears the noise twice as loud
+    auc = {}
+    for scale in (1.0, 0.5):
+        scores = scoring.score_embeddings(
+            meta, emb, channel_policy="residual", residual_scale=scale, include_train=False, progress=False
+        )
+        auc[scale] = roc_auc_score(scores["label"] == "anomaly", scores["score"])
+    assert auc[0.5] > 0.95 and auc[1.0] < 0.8
+    default = scoring.score_embeddings(meta, emb, channel_policy="residual", progress=False)
+    explicit = scoring.score_embeddings(
+        meta, emb, channel_policy="residual", residual_scale=1, progress=False
+    )
+    pd.testing.assert_frame_equal(default, explicit)
+    # per band: near - a far, each band rescaled to unit length, flattened for knn
+    per_band = rng.normal(size=(2 * len(clips), 3, 4))
+    banded = scoring.score_embeddings(
+        meta, per_band, channel_policy="residual", residual_scale=0.5, progress=False
+    )
+    residual = _unit_bands(per_band[: len(clips)] - 0.5 * per_band[len(clips) :]).reshape(len(clips), 12)
+    by_hand = scoring.score_embeddings(with_channels(clips), residual, progress=False)
+    np.testing.assert_allclose(banded["score"], by_hand["score"], atol=1e-5)
+    for bad in (float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="residual_scale must be a finite number"):
+            scoring.score_embeddings(meta, emb, channel_policy="residual", residual_scale=bad, progress=False)
+
+
+def _far_noise_world(seed=28, bands=None):
+    """near = base + s * (far - mean far): each clip's near embedding carries its own far-channel noise
+    direction at a random strength s; anomalies live in base only. 64 dims: removing one direction
+    costs base about 1/64 of itself (real embeddings: hundreds of dims)."""
+    rng = np.random.default_rng(seed)
+    clips = clip_table(n_source=60, n_target=0, n_normal=30, n_anomaly=30)
+    shape = (len(clips), 64) if bands is None else (len(clips), bands, 64)
+    base = np.zeros(shape)
+    base[..., 0] = 3.0
+    base += 0.1 * rng.normal(size=shape)
+    base[(clips["label"] == "anomaly").to_numpy(), ..., 1] += 1.0
+    far = 1.0 + 3.0 * rng.normal(size=shape)
+    noise = far - far[:60].mean(axis=0)  # centred on the normal training clips (the references)
+    strength = rng.uniform(0, 4, size=shape[:-1] + (1,))
+    return clips, base, far, base + strength * noise
+
+
+def test_orthogonal_policy_ignores_the_far_direction_at_any_strength():
+    for bands in (None, 3):
+        clips, base, far, near = _far_noise_world(bands=bands)
+        meta = with_channels(clips, ("near", "far"))
+        noisy = scoring.score_embeddings(
+            meta, np.concatenate([near, far]), channel_policy="orthogonal", progress=False
+        )
+        clean = scoring.score_embeddings(
+            meta, np.concatenate([base, far]), channel_policy="orthogonal", progress=False
+        )
+        np.testing.assert_allclose(noisy["score"], clean["score"], atol=1e-5)
+        assert (noisy["channel"] == "orthogonal").all()
+        test = noisy["split"] == "test"
+        assert roc_auc_score(noisy.loc[test, "label"] == "anomaly", noisy.loc[test, "score"]) > 0.95
+        for policy in ("near", "residual"):  # the noise at any strength defeats both
+            other = scoring.score_embeddings(
+                meta, np.concatenate([near, far]), channel_policy=policy, include_train=False, progress=False
+            )
+            assert roc_auc_score(other["label"] == "anomaly", other["score"]) < 0.8
+
+
+def test_remove_far_directions_projects_out_the_clip_direction_and_the_principal_ones():
+    clips, _, far, near = _far_noise_world(seed=29)
+    reference = ((clips["split"] == "train") & (clips["label"] == "normal")).to_numpy()
+    kept = scoring.remove_far_directions(near, far, reference, far_directions=2)
+    centred = far - far[reference].mean(axis=0)
+    _, _, vt = np.linalg.svd(centred[reference], full_matrices=False)
+    np.testing.assert_allclose(kept @ vt[:2].T, 0, atol=1e-9)
+    np.testing.assert_allclose(np.einsum("ij,ij->i", kept, centred), 0, atol=1e-8)
+    # what is orthogonal to all of them is kept as it was
+    span = np.concatenate([vt[:2], centred[:1]])
+    q, _ = np.linalg.qr(span.T)
+    free = near[0] - q @ (q.T @ near[0])
+    np.testing.assert_allclose(kept[0], free, atol=1e-9)
+    # a test clip whose far embedding is the references' mean has no direction: nothing removed
+    at_mean = far.copy()
+    at_mean[70] = far[reference].mean(axis=0)
+    np.testing.assert_allclose(scoring.remove_far_directions(near, at_mean, reference)[70], near[70])
+    with pytest.raises(ValueError, match="far_directions must be a non-negative integer"):
+        scoring.remove_far_directions(near, far, reference, far_directions=-1)
+    with pytest.raises(ValueError, match="far_directions=64 must be below"):
+        scoring.remove_far_directions(near, far, reference, far_directions=64)
+    with pytest.raises(ValueError, match="paired embeddings of one shape"):
+        scoring.remove_far_directions(near, far[:, :8], reference)
+    meta = with_channels(clips, ("near", "far"))
+    with pytest.raises(ValueError, match="far_directions must be a non-negative integer"):
+        scoring.score_embeddings(
+            meta, np.concatenate([near, far]), channel_policy="orthogonal", far_directions=1.5
+        )
+    with pytest.raises(ValueError, match="no far embedding"):
+        scoring.score_embeddings(with_channels(clips), near, channel_policy="orthogonal", progress=False)

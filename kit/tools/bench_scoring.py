@@ -3,7 +3,10 @@
 Scores a development-sized problem (7 machines x 1,000 normal training embeddings, 990 source and 10
 target, plus 200 test embeddings, 768 dimensions, near channel) with each backend configuration and
 prints the wall time of each. Training clips are scored too (leave-one-out), as the pipeline does,
-so every configuration scores 1,200 clips per machine. Then it times a fusion-weight search
+so every configuration scores 1,200 clips per machine. BEAM + VarMin (and plain BEAM) run on
+per-band embeddings [N, F, D] of the same clips, by default F = 8 bands of ``--dims`` and F = 4 of
+half as many (``--beam-shapes 8x768 4x384``). Each row gives the best wall time and the peak memory
+the scoring allocated (tracemalloc, one more run). Then it times a fusion-weight search
 (``kit.fusion.search_weights``) over 8 branches of those clips with the default budget.
 
 ``--blas-threads N`` caps the BLAS thread pool (threadpoolctl). On a shared, oversubscribed CPU a
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -29,6 +33,10 @@ CONFIGURATIONS = [
     ("knn", dict(backend="knn", k=1, separate_domains=True, smote=100)),
     ("mahalanobis", dict(backend="mahalanobis")),
     ("mahalanobis", dict(backend="mahalanobis", separate_domains=True)),
+]
+BEAM_CONFIGURATIONS = [
+    ("beam", dict(backend="beam")),  # VarMin on
+    ("beam", dict(backend="beam", varmin=False)),
 ]
 
 
@@ -54,17 +62,51 @@ def synthetic_embeddings(
     return meta, emb
 
 
-def run(machines: int = 7, dims: int = 768, repeats: int = 1) -> pd.DataFrame:
-    meta, emb = synthetic_embeddings(machines=machines, dims=dims)
+def _measure(meta: pd.DataFrame, emb: np.ndarray, options: dict, repeats: int) -> tuple[float, float, int]:
+    """Best wall time over ``repeats`` scorings, then one more scoring's peak allocated MiB
+    (tracemalloc: numpy reports its arrays to it), and the number of clips scored."""
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scores = score_embeddings(meta, emb, progress=False, **options)
+        best = min(best, time.perf_counter() - start)
+    tracemalloc.start()
+    try:
+        score_embeddings(meta, emb, progress=False, **options)
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    return best, peak, len(scores)
+
+
+def run(
+    machines: int = 7, dims: int = 768, repeats: int = 1, beam_shapes: list[tuple[int, int]] | None = None
+) -> pd.DataFrame:
+    """One row per configuration: seconds and peak MiB. ``beam_shapes``: (bands, dims) of the per-band
+    embeddings BEAM runs on (default (8, dims) and (4, dims // 2))."""
+    if beam_shapes is None:
+        beam_shapes = [(8, dims), (4, max(1, dims // 2))]
+    runs = [(None, dims, CONFIGURATIONS)] + [
+        (bands, width, BEAM_CONFIGURATIONS) for bands, width in beam_shapes
+    ]
     rows = []
-    for backend, options in CONFIGURATIONS:
-        best = np.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scores = score_embeddings(meta, emb, progress=False, **options)
-            best = min(best, time.perf_counter() - start)
-        described = ", ".join(f"{key}={value}" for key, value in options.items() if key != "backend")
-        rows.append({"backend": backend, "options": described, "clips scored": len(scores), "seconds": best})
+    for bands, width, configurations in runs:
+        meta, emb = synthetic_embeddings(machines=machines, dims=width * (bands or 1))
+        if bands:
+            emb = emb.reshape(len(emb), bands, width)
+        for backend, options in configurations:
+            seconds, peak, clips = _measure(meta, emb, options, repeats)
+            described = ", ".join(f"{key}={value}" for key, value in options.items() if key != "backend")
+            rows.append(
+                {
+                    "backend": backend,
+                    "embeddings": f"{bands} x {width}" if bands else f"{width}",
+                    "options": described,
+                    "clips scored": clips,
+                    "seconds": seconds,
+                    "peak MiB": peak,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -94,6 +136,16 @@ def time_fusion(
     )
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        bands, dims = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BANDSxDIMS such as 8x768, got {text!r}") from None
+    if bands < 1 or dims < 1:
+        raise argparse.ArgumentTypeError(f"bands and dims must be positive, got {text!r}")
+    return bands, dims
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.bench_scoring") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--machines", type=int, default=7)
@@ -105,9 +157,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m kit.tools.bench_s
     parser.add_argument(
         "--fusion-branches", type=int, default=8, help="branches of the fusion search (0: skip)"
     )
+    parser.add_argument(
+        "--beam-shapes",
+        nargs="*",
+        type=_shape,
+        default=None,
+        metavar="FxD",
+        help="per-band embedding shapes for BEAM, e.g. 8x768 4x384 (default: 8x<dims> 4x<dims/2>; none: skip)",
+    )
     args = parser.parse_args(argv)
     with threadpool_limits(limits=args.blas_threads, user_api="blas"):
-        table = run(args.machines, args.dims, args.repeats)
+        table = run(args.machines, args.dims, args.repeats, args.beam_shapes)
         fusion = time_fusion(args.fusion_branches, args.machines) if args.fusion_branches else None
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     per_backend = table.groupby("backend", sort=False)["seconds"].sum()
