@@ -954,6 +954,12 @@ def test_remove_far_directions_projects_out_the_clip_direction_and_the_principal
     with pytest.raises(ValueError, match="paired embeddings of one shape"):
         scoring.remove_far_directions(near, far[:, :8], reference)
     meta = with_channels(clips, ("near", "far"))
+    # the policy scores the unit-length kept embeddings like a channel of their own
+    policy = scoring.score_embeddings(
+        meta, np.concatenate([near, far]), channel_policy="orthogonal", far_directions=2, progress=False
+    )
+    by_hand = scoring.score_embeddings(with_channels(clips), _unit_bands(kept), progress=False)
+    np.testing.assert_allclose(policy["score"], by_hand["score"], atol=1e-6)
     with pytest.raises(ValueError, match="far_directions must be a non-negative integer"):
         scoring.score_embeddings(
             meta, np.concatenate([near, far]), channel_policy="orthogonal", far_directions=1.5
