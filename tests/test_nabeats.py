@@ -487,3 +487,30 @@ def test_fine_tuning_trains_the_fusion_blocks_with_the_reference(stereo_index, t
     x = 0.1 * torch.randn(2, 9000)
     with torch.no_grad():
         assert embedder(x, torch.tensor([9000, 8000]), reference=x.flip(0)).shape == (2, 8)
+
+
+def test_per_band_extraction_keeps_the_reference(stereo_index):
+    """pooling='band_rdp' pools the grid tokens, which NA-BEATs computes with the far channel too."""
+    from kit import data, embed, heads
+
+    embedder = _fused_embedder()
+    _, emb = embed.compute_embeddings(
+        embedder, stereo_index, channels=("near",), pooling="band_rdp", num_workers=0, progress=False
+    )
+    pool = heads.BandPool("band_rdp", heads.RDP_GAMMA)
+    for row, path in enumerate(stereo_index["path"]):
+        pair = torch.from_numpy(data.load_audio(path, "both"))
+        with torch.no_grad():
+            grid, mask = embedder.backbone.grid_tokens(pair[:1], reference=pair[1:])
+            np.testing.assert_allclose(emb[row], pool(grid, mask)[0].numpy(), rtol=0, atol=1e-4)
+    assert emb.shape[1:] == (8, embedder.backbone.embed_dim)
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_full_mode_trains_the_fusion_blocks_and_lora_its_adapters():
+    from kit import train
+
+    for mode, trained in (("full", "fusion_layers."), ("lora", "lora_")):
+        embedder = train.build_embedder(_train_cfg(mode=mode, lora_rank=2))
+        names = [n for n, p in embedder.backbone.named_parameters() if p.requires_grad]
+        assert names and all(trained in n for n in names), mode

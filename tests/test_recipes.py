@@ -14,6 +14,7 @@ from kit import manifest, metrics, pipeline, submission, synth, train
 
 REPORT_RECIPES = [f"audiocc_{i}" for i in range(1, 5)] + [f"eat_asp_{i}" for i in range(1, 5)]
 VARIANT_RECIPES = {"audiocc_1_w1": "audiocc_1", "eat_asp_4_w1": "eat_asp_4"}  # toolkit additions: w1 for near
+NABEATS_RECIPES = ["nabeats", "nabeats_finetune"]  # MERL's NA-BEATs: the frozen release and a fine-tuned one
 CHECKPOINTS = {"beats": "beats_release.pt", "eat": "eat_fairseq.pt", "fisher": "fisher.pt"}
 AUTHOR = {
     "lastname": "Tester",
@@ -27,6 +28,9 @@ AUTHOR = {
 def checkpoints(backbone_fixtures, monkeypatch):
     for backbone, file in CHECKPOINTS.items():
         monkeypatch.setenv(f"{backbone.upper()}_CHECKPOINT", str(backbone_fixtures / file))
+    nabeats = backbone_fixtures.parent / "nabeats"  # the release format: fusion layers + their base file
+    monkeypatch.setenv("NABEATS_CHECKPOINT", str(nabeats / "nabeats_tiny_seed0.ckpt"))
+    monkeypatch.setenv("NABEATS_BASE", str(nabeats / "BEATs_iter3.pt"))
 
 
 def _file_steps(recipe: str) -> list[dict]:
@@ -190,7 +194,7 @@ def _few(recipe: str, out) -> list[str]:
     overrides = ["09.baseline_epochs=1", f"10.submission_dir={out}"]
     overrides += [
         f"{nb}.training.{k}={v}"
-        for nb in ("02", "03", "04")
+        for nb in ("02", "03", "04", "06")
         if nb in notebooks
         for k, v in (("steps", 2), ("batch_size", 2), ("warmup_steps", 1), ("checkpoint_every", 1))
     ]
@@ -212,7 +216,7 @@ def _dev_files_reproduce_results(run_dir):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("recipe", REPORT_RECIPES + list(VARIANT_RECIPES))
+@pytest.mark.parametrize("recipe", REPORT_RECIPES + list(VARIANT_RECIPES) + NABEATS_RECIPES)
 def test_each_report_recipe_runs_end_to_end(recipe, small_root, checkpoints, authors, tmp_path):
     run_dir = pipeline.run_recipe(
         recipe, str(small_root), tmp_path / "run", overrides=_few(recipe, tmp_path / "subs")
@@ -234,11 +238,16 @@ def test_each_report_recipe_runs_end_to_end(recipe, small_root, checkpoints, aut
         len(fused) if submitted[label] == "fusion" else 1
     )
     branches = {name for name in run["branches"]}
-    assert meta["system"]["complexity"]["total_parameters"] == sum(
+    baseline = 0  # a fusion with the autoencoder baseline (the nabeats recipes) also counts its models
+    if submitted[label] == "fusion" and any(system.startswith("baseline-") for system in fused):
+        baseline = run["scores"]["baseline_parameters"]
+    assert meta["system"]["complexity"]["total_parameters"] == baseline + sum(
         run["branches"][b]["parameters"] for b in branches
     )
     assert meta["submission"]["authors"][0]["email"] == AUTHOR["email"]
-    assert meta["submission"]["name"].startswith(("AudioCC reproduction", "EAT-ASP reproduction"))
+    assert meta["submission"]["name"].startswith(
+        ("AudioCC reproduction", "EAT-ASP reproduction", "NA-BEATs reproduction")
+    )
     assert all(
         1.0 < v <= 100.0
         for m in meta["results"]["development_dataset"].values()
@@ -248,6 +257,8 @@ def test_each_report_recipe_runs_end_to_end(recipe, small_root, checkpoints, aut
     assert run["submission"]["zip"] == str(zip_path.absolute())
     _dev_files_reproduce_results(run_dir)
     for name, entry in run["branches"].items():  # the branches' effective settings are recorded
+        if entry["training"].get("finetune") is False:  # a frozen branch (nabeats): nothing was trained
+            continue
         saved = train.TrainConfig.from_dict(entry["training"])
         assert saved.name == name and saved.steps == 2
 
