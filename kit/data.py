@@ -7,6 +7,14 @@ the 2026 stereo release and the mono 2023-2025 releases alike: the file names fo
     section_<XX>_<source|target>_<train|test>_<normal|anomaly>_<NNNN>_<attr>.wav
     section_<XX>_<NNNN>.wav          (evaluation test clips, labels hidden)
 
+The 2020-2022 releases load too (``NAMING_BY_YEAR``). They have no ``raw/`` level
+(``<root>/dev_data/<machine>/...``); 2021 splits its test clips into ``source_test/`` and
+``target_test/`` and names them without attributes (``section_00_source_test_normal_0000.wav``; hidden:
+``section_03_source_test_0000.wav``), its training attributes are free text (``strength_1_ambient``,
+kept whole as one attribute); 2022 names hidden test clips ``section_03_test_0000.wav``; 2020 names
+clips by machine id, ``<normal|anomaly>_id_<XX>_<NNNNNNNN>.wav`` (hidden: ``id_<XX>_<NNNNNNNN>.wav``):
+the id becomes the section and every clip is in the source domain (2020 had no domain shift).
+
 Index columns (a contract every other module relies on), see ``INDEX_COLUMNS``:
 ``path`` (absolute), ``file_name``, ``dataset`` (dev/eval), ``machine``, ``section`` ("00"),
 ``split`` (train/test), ``domain`` (source/target/unknown), ``label`` (normal/anomaly/unknown),
@@ -77,13 +85,36 @@ NO_ATTRIBUTE = "noAttribute"
 
 FULL_NAME = re.compile(
     r"section_(?P<section>\d{2})_(?P<domain>source|target)_(?P<split>train|test)_"
-    r"(?P<label>normal|anomaly)_(?P<number>\d+)_(?P<attributes>.+)\.wav"
+    r"(?P<label>normal|anomaly)_(?P<number>\d+)(?:_(?P<attributes>.+))?\.wav"
+)  # 2021 test names carry no attributes
+HIDDEN_NAME = re.compile(
+    r"section_(?P<section>\d{2})_(?:(?:(?P<domain>source|target)_)?test_)?(?P<number>\d+)\.wav"
 )
-HIDDEN_NAME = re.compile(r"section_(?P<section>\d{2})_(?P<number>\d+)\.wav")
+ID_NAME = re.compile(r"(?:(?P<label>normal|anomaly)_)?id_(?P<section>\d{2})_(?P<number>\d+)\.wav")  # 2020
+# One example per year, the index's contract (tests/test_data.py builds a root of each year from these).
+NAMING_BY_YEAR = {
+    "2020": ("dev_data/<machine>/{train,test}", "normal_id_00_00000000.wav", "id_01_00000000.wav"),
+    "2021": (
+        "dev_data/<machine>/{train,source_test,target_test}",
+        "section_00_source_train_normal_0000_strength_1_ambient.wav",
+        "section_03_source_test_0000.wav",
+    ),
+    "2022": (
+        "dev_data/<machine>/{train,test}",
+        "section_00_source_train_normal_0000_m-n_W.wav",
+        "section_03_test_0000.wav",
+    ),
+    "2023-2026": (
+        "dev_data/raw/<machine>/{train,test}",
+        "section_00_source_train_normal_0000_spd_1.wav",
+        "section_00_0000.wav",
+    ),
+}
 NAMING_HELP = (
     "section_<XX>_<source|target>_<train|test>_<normal|anomaly>_<NNNN>_<attr>.wav "
-    "(or section_<XX>_<NNNN>.wav for hidden evaluation test clips)"
+    "(or section_<XX>_<NNNN>.wav for hidden evaluation test clips; 2020: <normal|anomaly>_id_<XX>_<NNNNNNNN>.wav)"
 )
+TEST_FOLDERS = {"test": None, "source_test": "source", "target_test": "target"}  # folder -> domain (2021)
 ATTRIBUTE_KEY = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 
 
@@ -98,19 +129,33 @@ class DatasetError(ValueError):
 def parse_file_name(file_name: str) -> dict[str, str]:
     """Split an official clip name into section, domain, split, label and attribute string.
 
-    Hidden evaluation test names (``section_00_0000.wav``) give split "test", domain and label
-    "unknown" and attributes "". Raises ``DatasetError`` for any other name.
+    Hidden evaluation test names (``section_00_0000.wav``; 2021 ``section_03_source_test_0000.wav``
+    keeps its domain, 2022 ``section_03_test_0000.wav``) give split "test", label "unknown", domain
+    "unknown" where the name has none, and attributes "". 2020 names (``normal_id_00_00000000.wav``)
+    give the machine id as the section, domain "source" and split "" (the folder tells it; hidden
+    ``id_01_00000000.wav``: label "unknown"). Raises ``DatasetError`` for any other name.
     """
     match = FULL_NAME.fullmatch(file_name)
     if match:
-        return {key: match[key] for key in ("section", "domain", "split", "label", "attributes")}
+        fields = {key: match[key] for key in ("section", "domain", "split", "label", "attributes")}
+        return fields | {"attributes": fields["attributes"] or ""}
     match = HIDDEN_NAME.fullmatch(file_name)
     if match:
         return {
             "section": match["section"],
-            "domain": "unknown",
+            "domain": match["domain"] or "unknown",
             "split": "test",
             "label": "unknown",
+            "attributes": "",
+        }
+    match = ID_NAME.fullmatch(file_name)
+    if match:
+        hidden = match["label"] is None
+        return {
+            "section": match["section"],
+            "domain": "source",
+            "split": "test" if hidden else "",
+            "label": match["label"] or "unknown",
             "attributes": "",
         }
     raise DatasetError(f"file name {file_name!r} does not follow the official naming: expected {NAMING_HELP}")
@@ -178,12 +223,18 @@ def _machine_attribute_table(machine_dir: Path) -> dict[str, list[tuple[str, str
     return table
 
 
-def _attribute_dict(path: Path, attributes: str, table: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
-    """Attributes of one clip from its name, cross-checked against (or filled from) the CSV table."""
+def _attribute_dict(
+    path: Path, attributes: str, table: dict[str, list[tuple[str, str]]], free_text: bool = False
+) -> dict[str, str]:
+    """Attributes of one clip from its name, cross-checked against (or filled from) the CSV table.
+    With ``free_text`` (2021, whose names carry attributes such as ``strength_1_ambient`` and no CSV)
+    a string that is not ``key_value`` pairs is kept whole as the value of ``attribute``."""
     listed = table.get(path.name)
     try:
         named = _attribute_pairs(attributes)
     except DatasetError as err:
+        if listed is None and free_text:
+            return {"attribute": attributes}
         if listed is None:
             raise DatasetError(f"{path}: {err}; no attributes_XX.csv row lists this clip either") from err
         return _pairs_to_dict(listed)
@@ -211,14 +262,16 @@ def _machine_dirs(root: Path, datasets: Sequence[str]) -> list[tuple[str, Path]]
         raise DatasetError(f"dataset root {root} holds none of: {wanted}")
     machines = []
     for name in present:
-        raw = root / DATASET_FOLDERS[name] / "raw"
-        found = (
-            sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if raw.is_dir()
-            else []
-        )
+        folder = root / DATASET_FOLDERS[name]
+        raw = folder / "raw"
+        # 2023 on: <dataset>_data/raw/<machine>; 2020-2022: <dataset>_data/<machine>, no raw level
+        parent = raw if raw.is_dir() else folder
+        found = sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not found:
-            raise DatasetError(f"{raw} holds no machine folders: expected {raw}/<machine>/train/*.wav")
+            raise DatasetError(
+                f"{raw} holds no machine folders (nor does {folder}): expected {raw}/<machine>/train/*.wav "
+                f"(2023 on) or {folder}/<machine>/train/*.wav (2020-2022)"
+            )
         machines += [(name, machine_dir) for machine_dir in found]
     return machines
 
@@ -228,7 +281,7 @@ def _clip_paths(machine_dir: Path) -> list[Path]:
     if not train_dir.is_dir():
         raise DatasetError(f"machine folder {machine_dir} has no 'train' folder (expected {train_dir})")
     paths = []
-    for split in SPLITS:
+    for split in ("train", *TEST_FOLDERS):
         split_dir = machine_dir / split
         if split_dir.is_dir():
             paths += sorted(p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() == ".wav")
@@ -242,11 +295,15 @@ def _clip_row(dataset: str, path: Path, table: dict[str, list[tuple[str, str]]])
         fields = parse_file_name(path.name)
     except DatasetError as err:
         raise DatasetError(f"{path}: {err}") from err
-    if fields["split"] != path.parent.name:
-        raise DatasetError(
-            f"{path}: the name says split '{fields['split']}' but the clip is in '{path.parent.name}'"
-        )
-    attributes = _attribute_dict(path, fields["attributes"], table)
+    folder = path.parent.name
+    split = "test" if folder in TEST_FOLDERS else folder
+    fields["split"] = fields["split"] or split  # 2020 names do not say their split: the folder does
+    if fields["split"] != split:
+        raise DatasetError(f"{path}: the name says split '{fields['split']}' but the clip is in '{folder}'")
+    if TEST_FOLDERS.get(folder) not in (None, fields["domain"]):
+        raise DatasetError(f"{path}: the name says domain '{fields['domain']}' but the clip is in '{folder}'")
+    legacy = path.parent.parent.parent.name != "raw"  # 2020-2022 layouts: 2021's free-text attributes
+    attributes = _attribute_dict(path, fields["attributes"], table, free_text=legacy)
     return {
         "path": str(path),
         "file_name": path.name,

@@ -330,6 +330,109 @@ def test_attribute_csv_rescues_unusual_names(tmp_path):
     assert json.loads(index["attribute_dict"].iloc[0]) == {"spd": "fast"}
 
 
+# One root per earlier year's layout and naming (kit.data.NAMING_BY_YEAR), mono like those releases.
+LEGACY_ROOTS = {
+    "2020": [
+        "dev_data/fan/train/normal_id_00_00000000.wav",
+        "dev_data/fan/train/normal_id_02_00000000.wav",
+        "dev_data/fan/test/normal_id_00_00000001.wav",
+        "dev_data/fan/test/anomaly_id_02_00000000.wav",
+        "eval_data/fan/train/normal_id_01_00000000.wav",
+        "eval_data/fan/test/id_01_00000000.wav",
+    ],
+    "2021": [
+        "dev_data/gearbox/train/section_00_source_train_normal_0000_0_g_25_mm_2000_mV_none.wav",
+        "dev_data/gearbox/train/section_00_target_train_normal_0000_1_g_30_mm_2000_mV_none.wav",
+        "dev_data/gearbox/source_test/section_00_source_test_normal_0000.wav",
+        "dev_data/gearbox/target_test/section_00_target_test_anomaly_0000.wav",
+        "eval_data/gearbox/train/section_03_source_train_normal_0000_strength_1_ambient.wav",
+        "eval_data/gearbox/source_test/section_03_source_test_0000.wav",
+        "eval_data/gearbox/target_test/section_03_target_test_0000.wav",
+    ],
+    "2022": [
+        "dev_data/fan/train/section_00_source_train_normal_0000_m-n_W.wav",
+        "dev_data/fan/train/section_00_target_train_normal_0000_m-n_X.wav",
+        "dev_data/fan/test/section_00_source_test_anomaly_0000_m-n_W.wav",
+        "eval_data/fan/train/section_03_source_train_normal_0000_m-n_W.wav",
+        "eval_data/fan/test/section_03_test_0000.wav",
+    ],
+}
+# (file name) -> (section, domain, split, label, attribute_dict) the index must give
+LEGACY_EXPECTED = {
+    "normal_id_02_00000000.wav": ("02", "source", "train", "normal", {}),
+    "anomaly_id_02_00000000.wav": ("02", "source", "test", "anomaly", {}),
+    "id_01_00000000.wav": ("01", "source", "test", "unknown", {}),
+    "section_00_source_train_normal_0000_0_g_25_mm_2000_mV_none.wav": (
+        "00",
+        "source",
+        "train",
+        "normal",
+        {"attribute": "0_g_25_mm_2000_mV_none"},
+    ),
+    "section_00_target_test_anomaly_0000.wav": ("00", "target", "test", "anomaly", {}),
+    "section_03_target_test_0000.wav": ("03", "target", "test", "unknown", {}),
+    "section_03_source_train_normal_0000_strength_1_ambient.wav": (
+        "03",
+        "source",
+        "train",
+        "normal",
+        {"attribute": "strength_1_ambient"},
+    ),
+    "section_00_source_test_anomaly_0000_m-n_W.wav": ("00", "source", "test", "anomaly", {"m-n": "W"}),
+    "section_03_test_0000.wav": ("03", "unknown", "test", "unknown", {}),
+    "section_00_target_train_normal_0000_m-n_X.wav": ("00", "target", "train", "normal", {"m-n": "X"}),
+}
+
+
+@pytest.mark.parametrize("year", sorted(LEGACY_ROOTS))
+def test_index_of_the_2020_to_2022_layouts_and_names(tmp_path, year):
+    files = LEGACY_ROOTS[year]
+    for rel in files:
+        write_clip(tmp_path / rel, 0.1, channels=1)
+    index = data.build_index(tmp_path, progress=False)
+    assert sorted(index["file_name"]) == sorted(rel.rsplit("/", 1)[1] for rel in files)
+    assert set(index["dataset"]) == {"dev", "eval"} and (index["channels"] == 1).all()
+    checked = 0
+    for name, (section, domain, split, label, attributes) in LEGACY_EXPECTED.items():
+        rows = index[index["file_name"] == name]
+        if len(rows):
+            row = rows.iloc[0]
+            assert (row["section"], row["domain"], row["split"], row["label"]) == (
+                section,
+                domain,
+                split,
+                label,
+            )
+            assert json.loads(row["attribute_dict"]) == attributes
+            checked += 1
+    assert checked >= 3
+    # the example names of this year in the index's own table parse as well
+    layout, train_name, hidden_name = data.NAMING_BY_YEAR[year]
+    assert data.parse_file_name(hidden_name)["label"] == "unknown"
+    assert data.parse_file_name(train_name)["label"] == "normal"
+
+
+def test_2021_test_folders_must_agree_with_the_domain_in_the_name(tmp_path):
+    make_layout(
+        tmp_path,
+        [
+            "dev_data/fan/train/section_00_source_train_normal_0000_strength_1.wav",
+            "dev_data/fan/source_test/section_00_target_test_normal_0000.wav",
+        ],
+    )
+    with pytest.raises(DatasetError, match=r"says domain 'target' but the clip is in 'source_test'"):
+        data.build_index(tmp_path, progress=False)
+
+
+def test_free_text_attributes_only_in_the_earlier_layouts(tmp_path):
+    """A 2023-on root (raw/) still refuses attributes that are not key_value pairs."""
+    root = make_layout(
+        tmp_path, ["dev_data/raw/fan/train/section_00_source_train_normal_0000_strength_1_x.wav"]
+    )
+    with pytest.raises(DatasetError, match="not a sequence of key_value pairs"):
+        data.build_index(root, progress=False)
+
+
 def test_corrupt_wav_in_index(tmp_path):
     root = make_layout(tmp_path, [TRAIN_CLIP])
     bad = root / "dev_data/raw/fan/train/section_00_source_train_normal_0001_spd_1.wav"
