@@ -340,3 +340,19 @@ def test_the_installed_command_runs():
     assert "default" in result.stdout.split()
     result = subprocess.run([script, "run", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("usage: dcase-kit run")
+
+
+def test_checkpoints_lists_every_backbones_releases_and_how_to_get_them(capsys):
+    assert cli.main(["checkpoints"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "BEATs_iter3_plus_AS2M",
+        "EAT-base_epoch30_pretrain",
+        "FISHER-small-0723",
+        "mn04_as",
+        "dcase2026_nabeats_seed0",
+    ):
+        assert f"\n  {name}\n" in out
+    assert "OneDrive share page" in out and "dcase-kit checkpoints fetch FISHER-small-0723 DIR" in out
+    assert cli.main(["checkpoints", "--backbone", "cnn"]) == 2
+    assert "no releases of backbone 'cnn'" in capsys.readouterr().err
