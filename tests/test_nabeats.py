@@ -128,6 +128,9 @@ def test_the_ema_weights_are_used_not_the_raw_training_weights(model, fixtures):
     loaded = model.state_dict()[name]
     assert torch.equal(loaded, raw["state_dict"]["model.encoder." + name])
     assert not torch.equal(loaded, raw["current_model_state"]["model.encoder." + name])
+    kept = nabeats.read_lightning(fixtures / CKPT, keep=("state_dict",))  # what loading reads
+    assert kept["optimizer_states"] is None and kept["current_model_state"] is None
+    assert torch.equal(kept["state_dict"]["model.encoder." + name], loaded)
     assert raw["hyper_parameters"]["model_cfg"]["fusion_layer_cfg"]["attention_cfg"] == {
         "num_heads": 8,
         "dropout": 0.1,

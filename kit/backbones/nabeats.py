@@ -122,7 +122,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # in float32 under autocast
+        return (x.float() * scale).to(x.dtype) * self.weight
 
 
 class SwiGLU(nn.Module):
@@ -406,13 +407,23 @@ _STORAGE_DTYPES = {
 }
 
 
-def _rebuild_tensor(
-    storage: Tensor, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None
-):
-    return storage.as_strided(tuple(size), tuple(stride), offset)
+@dataclass(frozen=True)
+class _LazyTensor:
+    """A tensor of the archive, read only when it is kept (optimiser moments never are)."""
+
+    key: str
+    dtype: torch.dtype
+    offset: int
+    size: tuple
+    stride: tuple
 
 
-def _rebuild_parameter(data: Tensor, requires_grad=False, hooks=None, state=None):
+def _rebuild_tensor(storage, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None):
+    key, dtype = storage
+    return _LazyTensor(key, dtype, int(offset), tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     return data
 
 
@@ -428,13 +439,13 @@ _SAFE_GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles a torch zip checkpoint admitting only the globals above: tensors are rebuilt from the
-    archive's storages by this module's own functions, omegaconf objects become ``_OmegaConf``."""
+    """Unpickles a torch zip checkpoint admitting only the globals above: tensors become
+    ``_LazyTensor`` references into the archive (rebuilt by this module's own functions), omegaconf
+    objects become ``_OmegaConf``."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, source: Path) -> None:
+    def __init__(self, data: bytes, source: Path) -> None:
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.source = archive, prefix, source
-        self.storages: dict[str, Tensor] = {}
+        self.source = source
 
     def find_class(self, module: str, name: str):
         import _compat_pickle  # protocol 2 (torch.save's default) names Python 2 modules
@@ -455,39 +466,39 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) < 3 or pid[0] != "storage":
             raise CheckpointError(f"{self.source}: unknown persistent id {str(pid)[:80]} in the pickle")
-        dtype, key = pid[1], str(pid[2])
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"{self.source}: storage {key} has no known element type ({dtype!r})")
-        if key not in self.storages:
-            raw = self.archive.read(f"{self.prefix}data/{key}")
-            self.storages[key] = (
-                torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            )
-        return self.storages[key]
+        if not isinstance(pid[1], torch.dtype):
+            raise CheckpointError(f"{self.source}: storage {pid[2]} has no known element type ({pid[1]!r})")
+        return str(pid[2]), pid[1]
 
 
-def _plain(value):
-    """omegaconf stand-ins -> dicts, lists and values; containers converted recursively."""
+def _plain(value, tensor):
+    """omegaconf stand-ins -> dicts, lists and values, ``_LazyTensor`` -> ``tensor(it)``; containers
+    converted recursively (an ``OrderedDict`` stays one)."""
+    if isinstance(value, _LazyTensor):
+        return tensor(value)
     if isinstance(value, _OmegaConf):
         state = value.state if isinstance(value.state, dict) else {}
         if value.kind in ("DictConfig", "ListConfig"):
-            return _plain(state.get("_content"))
+            return _plain(state.get("_content"), tensor)
         if value.kind.endswith("Node"):
-            return _plain(state.get("_val"))
+            return _plain(state.get("_val"), tensor)
         return None  # metadata
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()} if not isinstance(value, OrderedDict) else value
+        converted = {k: _plain(v, tensor) for k, v in value.items()}
+        return OrderedDict(converted) if isinstance(value, OrderedDict) else converted
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
+        return type(value)(_plain(v, tensor) for v in value)
     return value
 
 
-def read_lightning(path: str | os.PathLike) -> dict:
+def read_lightning(path: str | os.PathLike, keep: tuple[str, ...] | None = None) -> dict:
     """The content of a PyTorch Lightning ``.ckpt`` (torch zip format) as plain Python: tensors,
     dicts (state dicts stay ``OrderedDict``), lists and values; omegaconf configs as dicts. Nothing
-    in the pickle is executed; a global other than those ``_RestrictedUnpickler`` admits is refused."""
+    in the pickle is executed; a global other than those ``_RestrictedUnpickler`` admits is refused.
+    ``keep``: only these top-level entries; the others are None (their tensors are never read)."""
     path = Path(path)
-    head = path.read_bytes()[:64] if path.is_file() else b""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
     if head.lstrip()[:1] == b"<":
         raise CheckpointError(
             f"{path} is a text/HTML page, not a NA-BEATs checkpoint (a failed download? an error page "
@@ -502,15 +513,37 @@ def read_lightning(path: str | os.PathLike) -> dict:
             if prefix + "byteorder" in archive.namelist():
                 if archive.read(prefix + "byteorder").decode().strip() != "little":
                     raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-            raw = _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, path).load()
+            raw = _RestrictedUnpickler(archive.read(pickles[0]), path).load()
+            if keep is not None and isinstance(raw, dict):
+                raw = {k: (v if k in keep else None) for k, v in raw.items()}
+            storages: dict[str, Tensor] = {}
+
+            def tensor(ref: _LazyTensor) -> Tensor:
+                if ref.key not in storages:
+                    data = archive.read(f"{prefix}data/{ref.key}")
+                    storages[ref.key] = (
+                        torch.frombuffer(bytearray(data), dtype=ref.dtype)
+                        if data
+                        else torch.empty(0, dtype=ref.dtype)
+                    )
+                return storages[ref.key].as_strided(ref.size, ref.stride, ref.offset)
+
+            return _plain(raw, tensor)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, KeyError, ValueError) as err:
+    except (
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        KeyError,
+        ValueError,
+        RuntimeError,
+    ) as err:
         raise CheckpointError(
             f"{path}: not a readable NA-BEATs checkpoint (corrupt, truncated or not a Lightning .ckpt; "
             f"{type(err).__name__}: {err})"
         ) from err
-    return _plain(raw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +699,7 @@ def from_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = No
     elif not path.is_file():
         raise CheckpointNotFoundError(f"nabeats checkpoint not found: {path}")
     try:
-        release, state = filter_state(read_lightning(path))
+        release, state = filter_state(read_lightning(path, keep=("state_dict", "hyper_parameters")))
     except CheckpointError as err:
         message = str(err)
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from err
