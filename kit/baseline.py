@@ -419,7 +419,11 @@ def load_baseline(path: str | os.PathLike, device: str | torch.device | None = N
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a damaged file
-        raise ValueError(f"{path} is not a readable baseline checkpoint: {error}") from error
+        from kit.backbones.loading import describe_load_error  # torch's weights_only advice left out
+
+        raise ValueError(
+            f"{path} is not a readable baseline checkpoint: {describe_load_error(error)}"
+        ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint written by train_baseline")
     model = BaselineAutoencoder()

@@ -123,7 +123,7 @@ def _beats() -> list[Release]:
             NABEATS_PAGE,
             url=nabeats.BASE_URL,
             approx_mb=361,
-            use="any BEATs step (BEATS_CHECKPOINT); the base of every NA-BEATs release",
+            use="any BEATs step (BEATS_CHECKPOINT); the base of every NA-BEATs release (NABEATS_BASE)",
         )
     ]
     for name, what, use in by_hand:
@@ -217,7 +217,7 @@ def _nabeats() -> list[Release]:
             "(AGPL-3.0 weights)",
             NABEATS_PAGE,
             url=url,
-            use="the NA-BEATs notebook (checkpoint: the release name or the .ckpt)",
+            use="nabeats, nabeats_finetune (NABEATS_CHECKPOINT: the release name or the .ckpt; NABEATS_BASE)",
             with_files=("BEATs_iter3",),
         )
         for name, url in nabeats.RELEASES.items()

@@ -916,8 +916,10 @@ def _read_model(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises several kinds for a corrupt or foreign file
+        from kit.backbones.loading import describe_load_error  # torch's weights_only advice left out
+
         raise ValueError(
-            f"{path} is not a model written by kit.train (corrupt or another kind): {err}"
+            f"{path} is not a model written by kit.train (corrupt or another kind): {describe_load_error(err)}"
         ) from err
 
 

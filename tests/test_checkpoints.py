@@ -160,3 +160,16 @@ def test_the_command_lists_fetches_and_says_what_to_do_for_a_share_page(
     server.files.pop("/v1/BEATs_iter3.pt")
     assert cli.main(["checkpoints", "fetch", "BEATs_iter3", str(tmp_path / "x"), "--no-progress"]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_loading_a_share_link_says_it_is_a_web_page_and_what_to_do(server, tmp_path, monkeypatch):
+    """A OneDrive-style share link given as the checkpoint: the page is named as such, never unpickled,
+    never with advice to turn weights_only off, and not kept in the cache to fail again."""
+    from kit.backbones import CheckpointError, loading
+
+    server.files["/share/BEATs_iter3_plus_AS2M.pt"] = b"<!DOCTYPE html><html><title>OneDrive</title></html>"
+    monkeypatch.setattr(loading, "DEFAULT_CACHE", tmp_path)
+    with pytest.raises(CheckpointError, match="is a web page \\(HTML\\), not a BEATs checkpoint") as info:
+        backbones.load("beats", f"{server.base}/share/BEATs_iter3_plus_AS2M.pt", cache_dir=tmp_path)
+    assert "weights_only" not in str(info.value) and "dcase-kit checkpoints" in str(info.value)
+    assert not (tmp_path / "urls" / "BEATs_iter3_plus_AS2M.pt").exists()
