@@ -517,3 +517,15 @@ def test_full_mode_trains_the_fusion_blocks_and_lora_its_adapters():
         embedder = train.build_embedder(_train_cfg(mode=mode, lora_rank=2))
         names = [n for n, p in embedder.backbone.named_parameters() if p.requires_grad]
         assert names and all(trained in n for n in names), mode
+
+
+def test_the_speed_benchmark_has_a_nabeats_row():
+    from kit.tools import bench, bench_train
+
+    assert bench_train.release_configs("nabeats") == ["release"]  # BEATs_iter3 sizes + 12 fusion blocks
+    row = bench.measure_speed("nabeats", batch=2, seconds=1.0, repeats=1, device="cpu", config="unit")
+    assert row["backbone"] == "nabeats" and row["clips_per_s"] > 0 and row["max_abs_diff"] < 1e-4
+    extraction = bench.measure_extraction(
+        "nabeats", batch=1, seconds=1.0, repeats=1, device="cpu", config="unit"
+    )
+    assert extraction["extract_clips_per_s"] > 0

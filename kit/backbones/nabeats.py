@@ -76,6 +76,7 @@ from kit.backbones import (
 RELEASE_URL = "https://github.com/merlresearch/noise-aware-audio-ssl/releases/download/v1.0.0"
 RELEASE_IDS = ("dcase2026_nabeats_seed0", "dcase2026_nabeats_seed1", "dcase2026_nabeats_seed2")
 RELEASES = {name: f"{RELEASE_URL}/{name}.ckpt" for name in RELEASE_IDS}
+RELEASE_SIZES = {name: {"config": "release"} for name in RELEASE_IDS}  # their size, for kit.tools.bench
 BASE_NAME = "BEATs_iter3"
 BASE_URL = f"{RELEASE_URL}/{BASE_NAME}.pt"
 STATE_PREFIX = "model.encoder."  # the fusion weights' prefix in the Lightning state_dict
