@@ -199,6 +199,8 @@ def test_random_init_is_beats_on_the_near_channel():
         alone, _ = model.base(x)
     torch.testing.assert_close(tokens, alone, rtol=0, atol=1e-6)
     assert backbones.configs("nabeats") == ["cpu", "release", "unit"]
+    with pytest.raises(ValueError, match="base= goes with a checkpoint"):
+        load("nabeats", config="unit", base="BEATs_iter3.pt")
     release = nabeats.CONFIGS["release"]
     assert beats.CONFIGS[release[0]].encoder_layers == 12 and release[1] == nabeats.FusionConfig(
         8, 3, 1e-6, 0.1

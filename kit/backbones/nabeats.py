@@ -355,6 +355,11 @@ def build(config_name: str = DEFAULT_CONFIG, **options) -> NABEATs:
         raise ValueError(
             f"unknown nabeats config {config_name!r}: expected one of {', '.join(sorted(CONFIGS))}"
         )
+    if "base" in options:
+        raise ValueError(
+            "nabeats: base= goes with a checkpoint (the .ckpt holds the fusion layers, the base file the "
+            "frozen BEATs); without a checkpoint a random-init configuration is built, base and all"
+        )
     base_config, fusion = CONFIGS[config_name]
     return NABEATs(beats.build(base_config, **options), fusion)
 
