@@ -268,12 +268,37 @@ def statistics_embedder(config: str = "dcase", **options) -> Embedder:
     return Embedder(backbone, heads.make_head("stats", backbone.embed_dim, None)).eval()
 
 
+def pretrained_embedder(
+    backbone: str, checkpoint: str | os.PathLike | None, head: str = "stats", **options
+) -> Embedder:
+    """The frozen branch: a backbone with its pretrained weights as they are (``kit.backbones.load(backbone,
+    checkpoint, **options)``) and a parameter-free head over each clip's valid time tokens: ``"stats"``,
+    ``[mean; std]`` of every channel, or ``"mean"``, the mean alone. Nothing to train: ready for
+    ``kit.embed.extract``."""
+    if head not in ("stats", "mean"):
+        raise ValueError(
+            f"pretrained_embedder's head must be 'stats' or 'mean' (parameter-free), got {head!r}"
+        )
+    model = backbones.load(backbone, checkpoint, **options)
+    pool = heads.make_head(head, model.embed_dim, None if head == "stats" else model.embed_dim)
+    if head == "mean":
+        pool.projection = nn.Identity()  # the masked mean itself, no weights
+    for p in model.parameters():
+        p.requires_grad = False
+    return Embedder(model, pool).eval()
+
+
 def build_embedder(cfg: TrainConfig) -> Embedder:
     """Load the backbone, attach the head and set which weights train according to ``cfg.mode``."""
     backbone = backbones.load(
         cfg.backbone, cfg.checkpoint, config=cfg.backbone_config, **cfg.backbone_options
     )
     head = heads.make_head(cfg.head, backbone.embed_dim, cfg.embed_dim)
+    if cfg.mode == "lora" and not (cfg.lora_targets or backbone.lora_target_modules):
+        raise ValueError(
+            f"{cfg.backbone} is a CNN: LoRA targets attention projections; use full or partial "
+            "(or name the layers to adapt in lora_targets)"
+        )
     if cfg.mode == "lora":
         add_lora(
             backbone, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets

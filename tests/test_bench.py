@@ -26,6 +26,31 @@ def test_measure_speed_and_extraction_unit_size():
     bench.print_backbones_table([row | extraction | {"peak_mb": 1.0, "eager_peak_mb": 2.0}], args)
 
 
+def test_efficientat_rows_at_mn04_size():
+    row = bench.measure_speed("efficientat", batch=2, seconds=1.0, repeats=1, device="cpu", config="mn04")
+    assert row["config"] == "mn04" and round(row["params_m"], 2) == 0.98
+    assert row["max_abs_diff"] == 0.0  # a CNN: the eager reference runs the same code
+    extraction = bench.measure_extraction(
+        "efficientat", batch=1, seconds=2.0, repeats=1, device="cpu", config="mn04"
+    )
+    assert extraction["extract_clips_per_s"] > 0
+    assert bench.measure_memory("efficientat", "fast", 1, 1.0, "cpu", config="mn04") > 0
+
+
+def test_release_sizes_come_from_the_backbone_modules():
+    from kit.backbones import efficientat
+    from kit.tools import bench_train
+
+    assert bench_train.release_configs("efficientat") == ["mn04", "mn10"]
+    assert [efficientat.RELEASES[r]["config"] for r in ("mn04_as", "mn10_as")] == ["mn04", "mn10"]
+    assert [bench_train.release_configs(b) for b in ("beats", "eat", "fisher")] == [
+        ["release"],
+        ["base"],
+        ["small"],
+    ]
+    assert bench_train.release_configs("cnn") == [None]  # trains from scratch: its own config
+
+
 def test_eat_input_length_covers_the_extraction_clips():
     assert bench._input_options("eat", 16.0) == {"target_length": 1600}  # the EAT-ASP setting
     assert bench._input_options("eat", 10.0) == {"target_length": 1024}  # the release default
@@ -80,6 +105,9 @@ def test_commands_are_registered():
     parser = bench.build_parser()
     args = parser.parse_args(["backbones", "--backbones", "eat", "--repeats", "1"])
     assert args.run is bench.run_backbones and args.backbones == ["eat"] and args.extract_seconds == 16.0
+    assert parser.parse_args(["backbones"]).backbones == ["beats", "eat", "fisher", "efficientat", "nabeats"]
+    assert parser.parse_args(["train"]).notebooks == ["05_finetune_efficientat"]
+    assert parser.parse_args(["train", "--notebooks"]).notebooks == []
     assert parser.parse_args(["loader"]).workers == [0, 2]
     assert parser.parse_args(["train", "--steps", "3"]).steps == 3
     with pytest.raises(SystemExit):
@@ -114,14 +142,42 @@ def test_training_settings_share_a_row_per_cost():
 
 def test_train_command_runs_real_steps(capsys):
     # the default recipe's from-scratch CNN is small enough to train at its real size on a CPU
-    assert (
-        bench.main(["train", "--recipes", "default", "--steps", "2", "--batch", "2", "--threads", "1"]) == 0
-    )
+    command = [
+        "train",
+        "--recipes",
+        "default",
+        "--notebooks",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+    ]
+    assert bench.main(command) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("cnn"))
     assert "default:cnn" in row and "fp32" in row and "batch replaced by 2" in out
+    assert row.split()[1] == "cpu"  # the config column
     steps_per_s = float(row.split()[row.split().index("off") + 1])
     assert steps_per_s > 0
+
+
+@pytest.mark.filterwarnings("ignore")  # random init: no pretrained weights, collapsed embeddings
+def test_efficientat_training_setting_comes_from_notebook_05(tmp_path):
+    from kit.tools import bench_train
+
+    (setting,) = bench_train.training_settings([], ["05_finetune_efficientat"])
+    assert setting["recipes"] == ["05:efficientat"] and setting["training"]["backbone"] == "efficientat"
+    args = argparse.Namespace(
+        steps=2, batch=2, workers=0, device="cpu", precision="auto", loader_batches=1, config="mn04"
+    )
+    root = bench_train.write_training_set(tmp_path, clips_per_class=1, seconds=5.0)
+    row = bench_train.measure_training(setting["training"], args, root)
+    assert row["backbone"] == "efficientat" and row["config"] == "mn04" and round(row["params_m"], 2) == 0.98
+    assert row["steps_per_s"] > 0 and row["batch"] == 2
+    with pytest.raises(ValueError, match="09_scoring is not a fine-tuning notebook"):
+        bench_train.training_settings([], ["09_scoring"])
 
 
 def test_train_command_names_an_unknown_recipe(capsys):

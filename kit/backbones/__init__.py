@@ -1,6 +1,7 @@
 """One door to every pretrained audio backbone: ``kit.backbones.load(name, checkpoint, **options)``.
 
-Each backbone lives in its own file (``beats.py``, ``eat.py``, ``fisher.py``; ``cnn.py``, a compact
+Each backbone lives in its own file (``beats.py``, ``eat.py``, ``fisher.py``; ``efficientat.py``,
+EfficientAT's AudioSet-pretrained MobileNetV3 CNNs; ``cnn.py``, a compact
 network trained from scratch; ``logmel.py``, the training-free log-mel frames; ``nabeats.py``, MERL's
 NA-BEATs: frozen BEATs fusing the far channel by cross-attention, ``takes_reference``) holding its
 architecture, its named configurations (frozen dataclasses in ``CONFIGS``) and a pure
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BACKBONES = ("beats", "eat", "fisher", "cnn", "logmel", "nabeats")
+BACKBONES = ("beats", "eat", "fisher", "efficientat", "cnn", "logmel", "nabeats")
 DEFAULT_CACHE = Path(os.environ.get("KIT_CACHE", Path.home() / ".cache" / "dcase2026-kit"))
 
 

@@ -163,6 +163,8 @@ CONFIGS: dict[str, BEATsConfig] = {
     ),
 }
 DEFAULT_CONFIG = "cpu"
+# The released size (BEATs_iter3*.pt, about 90 M parameters) and its configuration, for kit.tools.bench.
+RELEASES = {"BEATs_iter3": {"config": "release"}}
 
 
 class _GradMultiply(torch.autograd.Function):

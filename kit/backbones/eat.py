@@ -70,6 +70,8 @@ CONFIGS: dict[str, EATConfig] = {
     "unit": EATConfig(embed_dim=32, depth=2, num_heads=2),  # unit tests
 }
 DEFAULT_CONFIG = "cpu"
+# The released sizes and their configuration (kit.tools.bench benchmarks these).
+RELEASES = {"EAT-base": {"config": "base"}, "EAT-large": {"config": "large"}}
 
 
 class PatchEmbed(nn.Module):

@@ -99,6 +99,8 @@ CONFIGS = {
     "unit": FisherConfig(embed_dim=32, depth=2, num_heads=2),  # unit tests
 }
 DEFAULT_CONFIG = "cpu"
+# The released sizes and their configuration (kit.tools.bench benchmarks these).
+RELEASES = {f"FISHER-{size}": {"config": size} for size in ("tiny", "mini", "small")}
 
 
 class Fisher(Backbone):

@@ -1,8 +1,8 @@
 """Benchmarks that print a table (speed and memory are measured here, never asserted in tests).
 
-    python -m kit.tools.bench backbones [--batch 8] [--seconds 10] [--extract-batch 8]
-                                        [--extract-seconds 16] [--repeats 5] [--device cpu|cuda]
-                                        [--precision auto]
+    python -m kit.tools.bench backbones [--backbones beats eat fisher efficientat] [--batch 8] [--seconds 10]
+                                        [--extract-batch 8] [--extract-seconds 16] [--repeats 5]
+                                        [--device cpu|cuda] [--precision auto]
     python -m kit.tools.bench loader    [--clips 32] [--clip-seconds 16] [--crop-seconds 5] [--batch 16]
                                         [--batches 20] [--workers 0 2] [--repeats 3]
     python -m kit.tools.bench train     [--recipes audiocc_1 ...] [--steps 5] [--batch B] [--workers N]
@@ -11,14 +11,18 @@
 The same through the ``dcase-kit`` command: ``dcase-kit bench backbones``, ``dcase-kit bench loader``,
 ``dcase-kit bench train``.
 
-``backbones``: for each backbone at its release size with random weights (BEATs iter3, EAT-base,
-FISHER-small): clips/s for a batch of 10-s clips (median of ``--repeats`` timed batches after one
+``backbones``: for each backbone at its release sizes with random weights (``bench_train.BENCHED``,
+whose configurations come from each backbone module's ``RELEASES``: BEATs iter3, EAT-base,
+FISHER-small, EfficientAT mn04 and mn10, NA-BEATs: BEATs_iter3 sizes + 12 fusion blocks,
+its reference input the batch's other clips; ``--backbones efficientat`` gives its two rows alone):
+clips/s for a batch of 10-s clips (median of ``--repeats`` timed batches after one
 warm-up, the two variants interleaved in one process) and the peak memory (CPU: peak resident memory
 of a fresh process that runs only that measurement; GPU: peak allocated memory), for the toolkit's
 implementation and for an *eager* reference of the same layers kept here: explicit softmax attention
 (``softmax(q k^T / sqrt(d) + bias) v``) instead of ``scaled_dot_product_attention``, and the
 official per-clip Kaldi fbank loop instead of the batched front-end. The two must give equal outputs
-(the max abs difference is printed) so the speed ratio compares like with like. Then the extraction
+(the max abs difference is printed) so the speed ratio compares like with like (EfficientAT, a CNN,
+has neither: its two variants are the same code, speedup ~1). Then the extraction
 throughput: clips/s of a no-grad forward pass of batches of 16-s clips (EAT with the EAT-ASP input
 length, ``target_length`` 1600 frames) and its peak memory, in a fresh process per backbone. Every
 forward pass runs in the precision ``kit.precision`` picks for the device (``--precision`` forces one).
@@ -61,9 +65,6 @@ from torch.utils.data import DataLoader, Dataset
 from kit import data
 from kit import precision as precision_policy
 from kit.tools import bench_train
-
-RELEASE = {"beats": "release", "eat": "base", "fisher": "small"}
-
 
 # ----------------------------------------------------------------------------------------------
 # backbones: fast vs eager reference, and extraction throughput
@@ -137,7 +138,8 @@ def _model(name: str, device: str, config: str | None = None, seconds: float | N
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = backbones.load(name, config=config or RELEASE[name], **_input_options(name, seconds))
+        config = config or bench_train.release_configs(name)[0]
+        model = backbones.load(name, config=config, **_input_options(name, seconds))
     return model.to(device).eval()
 
 
@@ -146,11 +148,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _reference(model, waves, lengths) -> dict:
+    """A noise reference for a backbone that takes one (nabeats): the batch's other clips."""
+    if not getattr(model, "takes_reference", False):
+        return {}
+    return {"reference": waves.roll(1, 0), "reference_lengths": lengths.roll(1, 0)}
+
+
 def _forward(model, waves, lengths, variant: str, prec) -> tuple[torch.Tensor, float]:
     ctx = eager_mode() if variant == "eager" else contextlib.nullcontext()
     with ctx, torch.inference_mode(), prec.autocast():
         start = time.perf_counter()
-        tokens, _ = model(waves, lengths)
+        tokens, _ = model(waves, lengths, **_reference(model, waves, lengths))
         _sync(str(waves.device))
         return tokens, time.perf_counter() - start
 
@@ -183,7 +192,7 @@ def measure_speed(
     median = {v: statistics.median(t) for v, t in times.items()}
     return {
         "backbone": name,
-        "config": config or RELEASE[name],
+        "config": config or bench_train.release_configs(name)[0],
         "device": device,
         "precision": _precision_label(prec),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -201,12 +210,18 @@ def _peak_mb(device: str) -> float:
 
 
 def measure_memory(
-    name: str, variant: str, batch: int, seconds: float, device: str, precision: str = "auto"
+    name: str,
+    variant: str,
+    batch: int,
+    seconds: float,
+    device: str,
+    precision: str = "auto",
+    config: str | None = None,
 ) -> float:
     """Peak memory (MB) of one forward pass: the process's peak resident set on the CPU (run it in a
     fresh process), the peak allocated memory on a GPU."""
     prec = precision_policy.resolve(precision, device)
-    model = _model(name, device)
+    model = _model(name, device, config)
     waves, lengths = (t.to(device) for t in _inputs(batch, seconds))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -235,7 +250,7 @@ def measure_extraction(
     def timed() -> float:
         with torch.no_grad(), prec.autocast():
             start = time.perf_counter()
-            tokens, _ = model(waves, lengths)
+            tokens, _ = model(waves, lengths, **_reference(model, waves, lengths))
             _sync(device)
             elapsed = time.perf_counter() - start
         if not torch.isfinite(tokens).all():
@@ -251,9 +266,9 @@ def measure_extraction(
     }
 
 
-def _run_isolated(args, *what) -> dict:
-    """One measurement in a fresh process (its peak memory is then its own)."""
-    cmd = [sys.executable, "-m", "kit.tools.bench", *what]
+def _run_isolated(args, config: str, *what) -> dict:
+    """One measurement of the release-size ``config`` in a fresh process (its peak memory is then its own)."""
+    cmd = [sys.executable, "-m", "kit.tools.bench", *what, "--config", config]
     for flag in ("batch", "seconds", "extract_batch", "extract_seconds", "repeats", "device", "threads"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--precision", args.precision]
@@ -266,11 +281,12 @@ def _run_isolated(args, *what) -> dict:
 def backbones_table(args) -> list[dict]:
     rows = []
     for name in args.backbones:
-        row = _run_isolated(args, "_speed", name)
-        row["peak_mb"] = _run_isolated(args, "_memory", name, "fast")["peak_mb"]
-        row["eager_peak_mb"] = _run_isolated(args, "_memory", name, "eager")["peak_mb"]
-        row.update(_run_isolated(args, "_extract", name))
-        rows.append(row)
+        for config in bench_train.release_configs(name):
+            row = _run_isolated(args, config, "_speed", name)
+            row["peak_mb"] = _run_isolated(args, config, "_memory", name, "fast")["peak_mb"]
+            row["eager_peak_mb"] = _run_isolated(args, config, "_memory", name, "eager")["peak_mb"]
+            row.update(_run_isolated(args, config, "_extract", name))
+            rows.append(row)
     return rows
 
 
@@ -280,7 +296,7 @@ def print_backbones_table(rows: list[dict], args) -> None:
         f"extraction: no-grad forward, batch {args.extract_batch} x {args.extract_seconds:g} s clips"
     )
     header = (
-        f"{'backbone':8s} {'config':7s} {'params':>7s} {'device':6s} {'precision':10s} {'clips/s':>8s} "
+        f"{'backbone':11s} {'config':7s} {'params':>7s} {'device':6s} {'precision':10s} {'clips/s':>8s} "
         f"{'eager':>8s} {'speedup':>7s} {'peak MB':>8s} {'eager MB':>8s} {'max|diff|':>9s} "
         f"{'extract/s':>9s} {'extr. MB':>8s}"
     )
@@ -288,7 +304,8 @@ def print_backbones_table(rows: list[dict], args) -> None:
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['backbone']:8s} {r['config']:7s} {r['params_m']:6.1f}M {r['device']:6s} {r['precision']:10s} "
+            f"{r['backbone']:11s} {r['config']:7s} {r['params_m']:6.1f}M {r['device']:6s} "
+            f"{r['precision']:10s} "
             f"{r['clips_per_s']:8.2f} {r['eager_clips_per_s']:8.2f} {r['speedup']:6.2f}x {r['peak_mb']:8.0f} "
             f"{r['eager_peak_mb']:8.0f} {r['max_abs_diff']:9.1e} {r['extract_clips_per_s']:9.2f} "
             f"{r['extract_peak_mb']:8.0f}"
@@ -297,7 +314,8 @@ def print_backbones_table(rows: list[dict], args) -> None:
 
 def add_backbones_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbones", nargs="+", default=list(RELEASE), choices=list(RELEASE))
+    benched = list(bench_train.BENCHED)
+    parser.add_argument("--backbones", nargs="+", default=benched, choices=benched)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--extract-batch", type=int, default=8)
@@ -311,28 +329,39 @@ def run_backbones(args) -> int:
 
 
 def run_speed(args) -> int:
-    row = measure_speed(args.name, args.batch, args.seconds, args.repeats, args.device, args.precision)
+    row = measure_speed(
+        args.name, args.batch, args.seconds, args.repeats, args.device, args.precision, args.config
+    )
     print(json.dumps(row))
     return 0
 
 
 def run_memory(args) -> int:
-    peak = measure_memory(args.name, args.variant, args.batch, args.seconds, args.device, args.precision)
+    peak = measure_memory(
+        args.name, args.variant, args.batch, args.seconds, args.device, args.precision, args.config
+    )
     print(json.dumps({"peak_mb": peak}))
     return 0
 
 
 def run_extract(args) -> int:
     row = measure_extraction(
-        args.name, args.extract_batch, args.extract_seconds, args.repeats, args.device, args.precision
+        args.name,
+        args.extract_batch,
+        args.extract_seconds,
+        args.repeats,
+        args.device,
+        args.precision,
+        args.config,
     )
     print(json.dumps(row))
     return 0
 
 
 def add_isolated_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=list(RELEASE))
+    parser.add_argument("name", choices=list(bench_train.BENCHED))
     parser.add_argument("variant", nargs="?", default="fast", choices=["fast", "eager"])
+    parser.add_argument("--config", default=None, help="the release-size configuration to build")
     add_backbones_arguments(parser)
 
 

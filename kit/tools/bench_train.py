@@ -1,11 +1,14 @@
 """The training benchmark: every recipe's fine-tuning setting, a few real optimiser steps each.
 
-    python -m kit.tools.bench train [--recipes audiocc_1 eat_asp_1 ...] [--steps 5] [--batch B]
-                                    [--workers N] [--device cpu|cuda] [--precision auto]
+    python -m kit.tools.bench train [--recipes audiocc_1 eat_asp_1 ...] [--notebooks 05_finetune_efficientat]
+                                    [--steps 5] [--batch B] [--workers N] [--device cpu|cuda]
+                                    [--precision auto]
 
 For each distinct training setting of the recipes (``kit.pipeline.effective_settings``: the
-backbone, batch, grad accumulation, crop length and mode, full or LoRA, the augmentations), at the
-backbone's release size with random weights, ``kit.train.train`` itself runs ``--steps`` optimiser
+backbone, batch, grad accumulation, crop length and mode, full or LoRA, the augmentations) and of the
+fine-tuning notebooks' own defaults (``--notebooks``: EfficientAT's 05, which no recipe runs yet), at
+each benchmarked release size (``BENCHED``; the sizes come from the backbone modules' ``RELEASES``:
+EfficientAT at mn04 and mn10) with random weights, ``kit.train.train`` itself runs ``--steps`` optimiser
 steps on generated 16-s stereo clips in the official layout, in a fresh process (so its peak memory is
 its own). The table gives steps/s and clips/s (from the steps after the first, whose time includes
 the loader's start and the allocator's warm-up), the peak memory (GPU: peak allocated; CPU: peak
@@ -20,6 +23,7 @@ forecast of GPU times.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import subprocess
@@ -47,9 +51,19 @@ DEFAULT_RECIPES = (
     "eat_asp_4",
     "default",
 )
-# Random-initialisation configs of the released sizes (BEATs iter3, EAT-base, FISHER-small); the CNN
-# trains from scratch, so its own config is already its real size.
-RELEASE = {"beats": "release", "eat": "base", "fisher": "small"}
+# Fine-tuning notebooks whose own training setting is benchmarked beside the recipes' (no recipe
+# trains EfficientAT yet).
+DEFAULT_NOTEBOOKS = ("05_finetune_efficientat",)
+# The releases benchmarked, by backbone; each backbone module's RELEASES table gives their random-init
+# configuration (BEATs iter3, EAT-base, FISHER-small, EfficientAT mn04 and mn10). The CNN trains from
+# scratch, so its own config is already its real size.
+BENCHED = {
+    "beats": ("BEATs_iter3",),
+    "eat": ("EAT-base",),
+    "fisher": ("FISHER-small",),
+    "efficientat": ("mn04_as", "mn10_as"),
+    "nabeats": ("dcase2026_nabeats_seed0",),
+}
 # The settings that decide a step's cost; recipes that agree on all of them share one row.
 COST_FIELDS = (
     "backbone",
@@ -68,20 +82,47 @@ COST_FIELDS = (
 CLIP_SECONDS = 16.0  # the longest crop of any recipe; shorter crops are cut from these clips
 
 
-def training_settings(recipes: list[str]) -> list[dict]:
+def release_configs(backbone: str) -> list[str | None]:
+    """The random-init configurations of ``backbone``'s benchmarked releases, read from its module's
+    ``RELEASES``; ``[None]`` (the setting's own configuration) for a backbone without releases."""
+    if backbone not in BENCHED:
+        return [None]
+    module = importlib.import_module(f"kit.backbones.{backbone}")
+    sizes = getattr(module, "RELEASE_SIZES", module.RELEASES)  # nabeats' RELEASES give URLs, its sizes apart
+    return [sizes[release]["config"] for release in BENCHED[backbone]]
+
+
+def notebook_setting(notebook: str) -> dict:
+    """The TrainConfig dict of a fine-tuning notebook's own parameter defaults (name, training)."""
+    params = pipeline.notebook_parameters(notebook)
+    backbone = pipeline._finetuned_backbone(notebook)
+    if backbone is None or "training" not in params:
+        raise ValueError(
+            f"{notebook} is not a fine-tuning notebook (no backbone in its name, or no training)"
+        )
+    values = {**(params["training"] or {}), "name": params["name"], "backbone": backbone, "checkpoint": None}
+    return train.TrainConfig.from_dict(values).to_dict()
+
+
+def training_settings(recipes: list[str], notebooks: list[str] = ()) -> list[dict]:
     """``[{"recipes": [...], "training": TrainConfig dict}]``: the distinct fine-tuning settings of
-    ``recipes`` in the order met, each with the recipes (and branch names) that train it."""
+    ``recipes`` and of ``notebooks``' own defaults, in the order met, each with the recipes (and
+    branch names) that train it (``05:efficientat`` for a notebook's default)."""
+    labelled = [
+        (f"{recipe}:{step['params']['training']['name']}", step["params"]["training"])
+        for recipe in recipes
+        for step in pipeline.effective_settings(recipe)
+        if isinstance(step["params"].get("training"), dict) and "backbone" in step["params"]["training"]
+    ]
+    for notebook in notebooks:
+        training = notebook_setting(notebook)
+        labelled.append((f"{notebook[:2]}:{training['name']}", training))
     rows: dict[str, dict] = {}
-    for recipe in recipes:
-        for step in pipeline.effective_settings(recipe):
-            training = step["params"].get("training")
-            if not isinstance(training, dict) or "backbone" not in training:
-                continue
-            key = json.dumps({f: training[f] for f in COST_FIELDS}, sort_keys=True, default=str)
-            row = rows.setdefault(key, {"recipes": [], "training": training})
-            label = f"{recipe}:{training['name']}"
-            if label not in row["recipes"]:
-                row["recipes"].append(label)
+    for label, training in labelled:
+        key = json.dumps({f: training[f] for f in COST_FIELDS}, sort_keys=True, default=str)
+        row = rows.setdefault(key, {"recipes": [], "training": training})
+        if label not in row["recipes"]:
+            row["recipes"].append(label)
     return list(rows.values())
 
 
@@ -113,14 +154,15 @@ def write_training_set(root: str | Path, clips_per_class: int = 4, seconds: floa
     return root
 
 
-def bench_config(training: dict, args) -> train.TrainConfig:
-    """The setting at release size with random weights, ``args.steps`` steps, no checkpoints."""
+def bench_config(training: dict, args, config: str | None = None) -> train.TrainConfig:
+    """The setting at release size (``config``, else the setting's own configuration) with random
+    weights, ``args.steps`` steps, no checkpoints."""
     values = dict(training)
     backbone = values["backbone"]
     values.update(
         name=f"bench_{backbone}",
         checkpoint=None,
-        backbone_config=RELEASE.get(backbone, values.get("backbone_config")),
+        backbone_config=config or values.get("backbone_config"),
         steps=args.steps,
         warmup_steps=1,
         checkpoint_every=None,
@@ -162,7 +204,7 @@ def measure_loader(index: pd.DataFrame, cfg: train.TrainConfig, batches: int) ->
 
 def measure_training(training: dict, args, data_root: Path) -> dict:
     """Run the setting for ``args.steps`` steps in this process; its speed, memory and precision."""
-    cfg = bench_config(training, args)
+    cfg = bench_config(training, args, getattr(args, "config", None))
     index = data.build_index(data_root, progress=False)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -200,8 +242,10 @@ def measure_training(training: dict, args, data_root: Path) -> dict:
     }
 
 
-def _command_line(args, setting: dict, data_root: Path) -> list[str]:
+def _command_line(args, setting: dict, data_root: Path, config: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "kit.tools.bench", "_train", json.dumps(setting["training"], default=str)]
+    if config:
+        cmd += ["--config", config]
     cmd += ["--data-root", str(data_root), "--steps", str(args.steps), "--threads", str(args.threads)]
     cmd += ["--precision", args.precision, "--loader-batches", str(args.loader_batches)]
     if args.device:
@@ -214,19 +258,21 @@ def _command_line(args, setting: dict, data_root: Path) -> list[str]:
 
 
 def train_table(args) -> list[dict]:
-    settings = training_settings(args.recipes)
+    settings = training_settings(args.recipes, args.notebooks)
     rows = []
     with tempfile.TemporaryDirectory(prefix="kit-bench-train-data-") as folder:
         data_root = write_training_set(folder)
         for setting in settings:
-            done = subprocess.run(_command_line(args, setting, data_root), capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"training benchmark of {setting['recipes']} failed:\n{done.stderr[-3000:]}"
-                )
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            row["recipes"] = ", ".join(setting["recipes"])
-            rows.append(row)
+            for config in release_configs(setting["training"]["backbone"]):
+                command = _command_line(args, setting, data_root, config)
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(
+                        f"training benchmark of {setting['recipes']} failed:\n{done.stderr[-3000:]}"
+                    )
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row["recipes"] = ", ".join(setting["recipes"])
+                rows.append(row)
     return rows
 
 
@@ -237,7 +283,7 @@ def print_train_table(rows: list[dict], args) -> None:
         f"{batch_note}; loader: clips/s of the training loader alone"
     )
     header = (
-        f"{'backbone':8s} {'params':>7s} {'mode':9s} {'batch':>5s} {'crop':16s} {'device':6s} "
+        f"{'backbone':11s} {'config':7s} {'params':>7s} {'mode':9s} {'batch':>5s} {'crop':16s} {'device':6s} "
         f"{'precision':10s} {'ckpt':4s} {'steps/s':>8s} {'clips/s':>8s} {'peak MB':>8s} "
         f"{'loader/s':>8s} {'workers':>7s}  recipes"
     )
@@ -245,7 +291,8 @@ def print_train_table(rows: list[dict], args) -> None:
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['backbone']:8s} {r['params_m']:6.1f}M {r['mode']:9s} {r['batch']:5d} {r['crop']:16s} "
+            f"{r['backbone']:11s} {str(r['config']):7s} {r['params_m']:6.1f}M {r['mode']:9s} {r['batch']:5d} "
+            f"{r['crop']:16s} "
             f"{r['device']:6s} {r['precision']:10s} {r['checkpointing']:4s} {r['steps_per_s']:8.3f} "
             f"{r['clips_per_s']:8.2f} {r['peak_mb']:8.0f} {r['loader_clips_per_s']:8.1f} {r['workers']:7d}  "
             f"{r['recipes']}"
@@ -254,7 +301,13 @@ def print_train_table(rows: list[dict], args) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="recipes to read (names or YAML paths)"
+        "--recipes", nargs="*", default=list(DEFAULT_RECIPES), help="recipes to read (names or YAML paths)"
+    )
+    parser.add_argument(
+        "--notebooks",
+        nargs="*",
+        default=list(DEFAULT_NOTEBOOKS),
+        help="fine-tuning notebooks whose own training setting is benchmarked too (none: --notebooks alone)",
     )
     parser.add_argument(
         "--steps", type=int, default=5, help="optimiser steps per setting (the first untimed)"
@@ -269,12 +322,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def add_isolated_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("training", help="the TrainConfig mapping, as JSON")
     parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--config", default=None, help="the release-size configuration to build")
     add_train_arguments(parser)
 
 
 def run_train(args) -> int:
     try:
-        training_settings(args.recipes)  # a recipe that does not exist is named before any work
+        training_settings(args.recipes, args.notebooks)  # a recipe that does not exist is named first
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
