@@ -191,7 +191,8 @@ class AdaCos(_AngularMarginLoss):
         self._check(emb, labels)
         if self.training:
             self._update_scale(cos.detach(), labels)
-        return self.s * self._with_margin(cos, labels)
+        # a copy of the scale: the graph must not hold the buffer a second call (mixup) updates in place
+        return self.s.clone() * self._with_margin(cos, labels)
 
 
 class SubClusterAdaCos(_AngularMarginLoss):
@@ -253,7 +254,8 @@ class SubClusterAdaCos(_AngularMarginLoss):
             self._check(emb, labels)
             if self.training:
                 self._update_scale(cos.detach(), labels)
-        return torch.logsumexp(self.s * cos, dim=2)
+        # a copy of the scale: the graph must not hold the buffer a second call (mixup) updates in place
+        return torch.logsumexp(self.s.clone() * cos, dim=2)
 
     def extra_repr(self) -> str:
         return f"n_classes={self.n_classes}, k={self.k}, trainable={self.trainable}"

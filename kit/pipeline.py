@@ -255,14 +255,10 @@ def plan_recipe(
     return plan
 
 
-def _finetuned_backbone(notebook: str) -> str | None:
-    """``02_finetune_beats`` -> ``beats``, ``07_train_cnn`` -> ``cnn``: the backbone a training notebook
-    trains (None for others)."""
-    for marker in ("_finetune_", "_train_"):
-        _, found, backbone = notebook.partition(marker)
-        if found:
-            return backbone
-    return None
+def notebook_backbone(notebook: str) -> str | None:
+    """The backbone a training notebook trains, as its parameters cell names it (``backbone = ...``);
+    None for the other notebooks."""
+    return notebook_parameters(notebook).get("backbone")
 
 
 _LABELS = ("report", "assumption", "toolkit")
@@ -398,11 +394,18 @@ def effective_settings(recipe: str, overrides: list[str] = ()) -> list[dict]:
                 f"the notebook's parameters: {', '.join(declared)}"
             )
         params = {**declared, **step["params"]}
-        backbone = _finetuned_backbone(notebook)
+        backbone = notebook_backbone(notebook)
         if backbone:
-            values = {**(params["training"] or {}), "name": params["name"], "backbone": backbone}
-            values["checkpoint"] = params["checkpoint"] or None
-            params["training"] = train.TrainConfig.from_dict(values).to_dict()
+            if params.get("finetune") is False:  # a frozen branch: nothing is trained
+                params["training"] = None
+            else:
+                params["training"] = train.resolve_config(
+                    params["training"] or {},
+                    index=None,
+                    name=params["name"],
+                    backbone=backbone,
+                    checkpoint=params["checkpoint"] or None,
+                ).to_dict()
             params["extraction"] = embed.ExtractConfig.from_dict(params["extraction"] or {}).to_dict()
         steps.append({"notebook": notebook, "params": params})
     return steps

@@ -71,7 +71,9 @@ class TrainConfig:
     lora_rank: int = 64
     lora_alpha: float | None = None  # None: alpha = rank (scale 1)
     lora_dropout: float = 0.0
-    lora_targets: str | None = None  # regex of the modules LoRA adapts; None: the backbone's attention projections
+    lora_targets: str | None = (
+        None  # regex of the modules LoRA adapts; None: the backbone's attention projections
+    )
     head: str = "asp"  # asp | mean | cls
     embed_dim: int = 128
     loss: str = "arcface"  # arcface | subcenter | adacos | subcluster_adacos
@@ -102,6 +104,9 @@ class TrainConfig:
     warmup_steps: int = 30
     spec_augment: bool = True
     mixup_alpha: float = 0.0
+    mixup_prob: float = (
+        1.0  # with mixup_alpha > 0: the share of batches mixed (kasahart/asd-experiments: 0.5)
+    )
     noise_mix_prob: float = 0.0
     noise_mix_snr: tuple[float, float] = (5.0, 20.0)
     balance_machines: bool = True
@@ -190,6 +195,8 @@ class TrainConfig:
         )
         if self.length_mode not in data.LENGTH_MODES:
             raise ValueError(f"unknown length mode {self.length_mode!r}: expected one of {data.LENGTH_MODES}")
+        if not 0 <= self.mixup_prob <= 1:
+            raise ValueError(f"mixup_prob must be in [0, 1], got {self.mixup_prob!r}")
         for name in ("lr", "head_lr_scale", "crop_seconds", "checkpoint_minutes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -208,15 +215,17 @@ class TrainConfig:
 def resolve_config(
     training: dict,
     *,
-    index: pd.DataFrame,
+    index: pd.DataFrame | None,
     name: str,
     backbone: str,
     checkpoint: str | None = None,
     require_checkpoint: bool = False,
 ) -> TrainConfig:
     """The effective TrainConfig of a fine-tuning notebook: its ``training`` mapping (any TrainConfig
-    field) over the defaults, with the notebook's name, backbone and checkpoint. On a mono dataset the
-    training channels default to the near channel alone (asking for ``far`` there stays an error)."""
+    field) over the defaults, with the notebook's name, backbone and checkpoint (the one place a
+    notebook's settings become a config; ``kit.pipeline`` shows a recipe's through it too). On a mono
+    dataset the training channels default to the near channel alone (asking for ``far`` there stays an
+    error); ``index=None`` (no dataset yet) leaves the channels as stated."""
     if not isinstance(training, dict):
         raise ValueError(f"training must be a mapping of TrainConfig fields, got {training!r}")
     fixed = sorted({"name", "backbone", "checkpoint"} & set(training))
@@ -229,6 +238,8 @@ def resolve_config(
         )
     values = {**training, "name": name, "backbone": backbone, "checkpoint": checkpoint or None}
     cfg = TrainConfig.from_dict(values)
+    if index is None:
+        return cfg
     fallback = cfg.mono_fallback or "channels" not in training  # the default channels adapt to mono data
     return dataclasses.replace(
         cfg, channels=data.usable_channels(cfg.channels, index, mono_fallback=fallback)
@@ -301,7 +312,11 @@ def build_embedder(cfg: TrainConfig) -> Embedder:
         )
     if cfg.mode == "lora":
         add_lora(
-            backbone, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
+            backbone,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=cfg.lora_targets,
         )
     elif cfg.mode in ("partial", "frozen"):
         for p in backbone.parameters():
@@ -835,7 +850,11 @@ def _train_step(
                 waves, lengths, noise.to(device), noise_lengths, cfg.noise_mix_prob, cfg.noise_mix_snr, gen
             )
         perm, lam = None, 1.0
-        if cfg.mixup_alpha > 0:
+        # below 1, a coin from the step generator decides (drawn only then: runs without it stay as they were)
+        mixed = cfg.mixup_alpha > 0 and (
+            cfg.mixup_prob >= 1 or float(torch.rand(1, generator=gen)) < cfg.mixup_prob
+        )
+        if mixed:
             waves, lengths, perm, lam = mixup(waves, lengths, cfg.mixup_alpha, gen)
             if reference:  # each mixed clip gets the same mixture of the two references
                 ref, ref_lengths = reference["reference"], reference["reference_lengths"]

@@ -320,3 +320,15 @@ def test_subcluster_adacos_learns_separable_toy_data(trainable):
     assert values[-1] < 0.5 * values[0]
     accuracy = (loss.logits(encoder(inputs)).argmax(1) == labels).float().mean()
     assert accuracy == 1.0
+
+
+@pytest.mark.parametrize("kind", ["adacos", "subcluster_adacos"])
+def test_an_adaptive_scale_loss_takes_two_calls_in_one_graph(kind):
+    """Mixup calls the loss twice (labels and the partner's) before one backward: the second call's
+    scale update must not break the first call's graph."""
+    loss = make_loss(kind, 8, 4, **({"k": 3} if kind == "subcluster_adacos" else {})).train()
+    emb = torch.randn(6, 8, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    total = 0.5 * loss(emb, labels) + 0.5 * loss(emb, labels.flip(0))
+    total.backward()
+    assert torch.isfinite(emb.grad).all()

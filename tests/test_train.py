@@ -541,8 +541,12 @@ def test_training_that_collapses_says_so(tone_index, tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
 def test_lora_targets_choose_the_adapted_modules():
-    cfg = _cfg(backbone="beats", mode="lora", lora_rank=2, lora_targets=r"encoder\.layers\.\d+\.self_attn\.v_proj")
-    names = {n.rsplit(".lora_", 1)[0] for n, _ in train.build_embedder(cfg).named_parameters() if "lora_A" in n}
+    cfg = _cfg(
+        backbone="beats", mode="lora", lora_rank=2, lora_targets=r"encoder\.layers\.\d+\.self_attn\.v_proj"
+    )
+    names = {
+        n.rsplit(".lora_", 1)[0] for n, _ in train.build_embedder(cfg).named_parameters() if "lora_A" in n
+    }
     assert names and all(name.endswith("self_attn.v_proj") for name in names)
     with pytest.raises(ValueError, match="lora_targets 'nothing' matches no module"):
         train.build_embedder(_cfg(backbone="beats", mode="lora", lora_targets="nothing"))
@@ -562,7 +566,9 @@ def test_subcluster_adacos_trains_and_classes_separate(tone_index, tmp_path):
     history = pd.read_csv(out / "history.csv")
     # the adaptive scale keeps the loss from falling as far as a fixed scale's (as with AdaCos)
     assert history["loss"].iloc[-8:].mean() < 0.75 * history["loss"].iloc[:8].mean()
-    meta, emb = embed.compute_embeddings(train.load_embedder(out), tone_index, channels=("near",), progress=False)
+    meta, emb = embed.compute_embeddings(
+        train.load_embedder(out), tone_index, channels=("near",), progress=False
+    )
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     labels = (meta["machine"] + meta["attributes"]).to_numpy()
     sim = emb @ emb.T
@@ -574,11 +580,39 @@ def test_subcluster_adacos_trains_and_classes_separate(tone_index, tmp_path):
 
 def test_pseudo_label_settings_are_training_settings():
     cfg = train.TrainConfig(label_scheme="pseudo")
-    assert (cfg.pseudo_k_source, cfg.pseudo_k_target, cfg.pseudo_seed, cfg.pseudo_features) == (7, 1, 42, "backbone")
+    assert (cfg.pseudo_k_source, cfg.pseudo_k_target, cfg.pseudo_seed, cfg.pseudo_features) == (
+        7,
+        1,
+        42,
+        "backbone",
+    )
     assert "pseudo_k_source" not in train.TrainConfig.EXECUTION_FIELDS
     saved = {k: v for k, v in cfg.to_dict().items() if not k.startswith("pseudo_")}  # a run saved before them
     assert cfg.differences(saved) == []
-    assert train.TrainConfig(label_scheme="pseudo", pseudo_k_source=5).differences(saved) == ["pseudo_k_source"]
+    assert train.TrainConfig(label_scheme="pseudo", pseudo_k_source=5).differences(saved) == [
+        "pseudo_k_source"
+    ]
     assert train._loss_kwargs(train.TrainConfig(loss="subcluster_adacos", subcenters=16)) == {"k": 16}
     with pytest.raises(ValueError, match="unknown label scheme 'pseudo_attribute'"):
         train.TrainConfig.from_dict({"label_scheme": "pseudo_attribute"})
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_mixup_prob_mixes_a_share_of_the_batches_and_resumes_exactly(tone_index, tmp_path):
+    def weights(folder):
+        return torch.load(folder / "model.pt", weights_only=False)["state"]
+
+    none = train.train(tone_index, _cfg(steps=3, name="a"), tmp_path / "a", progress=False)
+    never = train.train(
+        tone_index, _cfg(steps=3, name="b", mixup_alpha=0.4, mixup_prob=0.0), tmp_path / "b", progress=False
+    )
+    for key, value in weights(none).items():
+        torch.testing.assert_close(weights(never)[key], value, rtol=0, atol=0, msg=key)
+    cfg = _cfg(steps=6, checkpoint_every=2, mixup_alpha=0.4, mixup_prob=0.5, name="c")
+    whole = train.train(tone_index, cfg, tmp_path / "whole", progress=False)
+    train.train(tone_index, cfg, tmp_path / "split", progress=False, stop_after=3)
+    split = train.train(tone_index, cfg, tmp_path / "split", progress=False)
+    for key, value in weights(whole).items():
+        torch.testing.assert_close(weights(split)[key], value, rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="mixup_prob must be in"):
+        train.TrainConfig.from_dict({"mixup_prob": 1.5})

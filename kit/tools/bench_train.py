@@ -95,7 +95,7 @@ def release_configs(backbone: str) -> list[str | None]:
 def notebook_setting(notebook: str) -> dict:
     """The TrainConfig dict of a fine-tuning notebook's own parameter defaults (name, training)."""
     params = pipeline.notebook_parameters(notebook)
-    backbone = pipeline._finetuned_backbone(notebook)
+    backbone = pipeline.notebook_backbone(notebook)
     if backbone is None or "training" not in params:
         raise ValueError(
             f"{notebook} is not a fine-tuning notebook (no backbone in its name, or no training)"
