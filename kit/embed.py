@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kit import data, heads
+from kit import data, heads, manifest
 from kit.files import atomic_path
 
 # "head": the embedder's own head, [N, D]; the others pool the backbone's grid tokens per band, [N, F, D]
@@ -539,3 +539,69 @@ def latest(run_dir: str | os.PathLike, name: str) -> Path:
             f"no embeddings named {name!r} under {Path(run_dir) / 'embeddings'}: run its notebook first"
         )
     return found[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# A branch: one model's embeddings of every clip, recorded in the run
+# --------------------------------------------------------------------------------------------------
+BAND_SUFFIXES = {"band_rdp": "_rdp", "band_mean": "_bmean"}  # per-band branch = the model's name + this
+
+
+def band_branch_name(name: str, pooling: str) -> str:
+    """``<name>_rdp`` / ``<name>_bmean``: the branch of model ``name``'s per-band embeddings."""
+    if pooling not in BAND_SUFFIXES:
+        raise ValueError(
+            f"band_pooling {pooling!r}: expected one of {', '.join(BAND_SUFFIXES)} (or None for no per-band branch)"
+        )
+    return name + BAND_SUFFIXES[pooling]
+
+
+def embed_branch(
+    run_dir: str | os.PathLike,
+    index: pd.DataFrame,
+    name: str,
+    embedder: torch.nn.Module,
+    extraction: dict | ExtractConfig,
+    *,
+    band_pooling: str | list[str] | None = None,
+    **entry,
+) -> tuple[pd.DataFrame, np.ndarray, Path]:
+    """What a branch notebook's last step does: embed every clip of ``index`` with ``embedder`` under the
+    ``extraction`` settings (an ``ExtractConfig`` mapping; on mono data its default channels become the
+    near channel), cached, and record branch ``name`` in ``run.yaml`` (``entry``: backbone, model_dir,
+    training, ...) with its parameter count and collapse figures. ``band_pooling`` (``band_rdp``,
+    ``band_mean`` or a list of them) also records the per-band embeddings ``[N, F, D]`` of the same model
+    (its backbone's grid tokens before the head, pooled per band over time) as ``<name>_rdp`` /
+    ``<name>_bmean``, each with its own folder and settings and the backbone's parameter count (the head
+    is not used). Returns the head branch's ``(items, emb, folder)``."""
+    settings = (
+        extraction if isinstance(extraction, ExtractConfig) else ExtractConfig.for_index(extraction, index)
+    )
+    poolings = [band_pooling] if isinstance(band_pooling, str) else list(band_pooling or [])
+    bands = [band_branch_name(name, pooling) for pooling in poolings]  # a wrong name fails before any work
+    items, emb, folder = extract(embedder, index, run_dir, name, **settings.kwargs())
+    parameters = int(sum(p.numel() for p in embedder.parameters()))
+    manifest.record_branch(
+        run_dir,
+        name,
+        **entry,
+        embeddings=folder,
+        parameters=parameters,
+        extraction=settings.to_dict(),
+        collapse=check_collapse(items, emb, name),
+    )
+    backbone = getattr(embedder, "backbone", embedder)
+    for band, pooling in zip(bands, poolings):
+        band_settings = dataclasses.replace(settings, pooling=pooling)
+        band_items, band_emb, band_folder = extract(embedder, index, run_dir, band, **band_settings.kwargs())
+        manifest.record_branch(
+            run_dir,
+            band,
+            **entry,
+            embeddings=band_folder,
+            parameters=int(sum(p.numel() for p in backbone.parameters())),
+            extraction=band_settings.to_dict(),
+            collapse=check_collapse(band_items, band_emb, band),
+            band_of=name,
+        )
+    return items, emb, folder

@@ -23,7 +23,6 @@ Layout (every section optional until its stage has run)::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -77,45 +76,6 @@ def record_branch(run_dir: str | os.PathLike, name: str, **entry) -> dict:
     branches = dict(read(run_dir).get("branches") or {})
     branches[name] = entry
     return update(run_dir, branches=branches)
-
-
-# Per-band branches (kit.embed pooling "band_rdp" / "band_mean"): the head branch's name + a suffix
-BAND_SUFFIXES = {"band_rdp": "_rdp", "band_mean": "_bmean"}
-
-
-def band_branch_name(name: str, pooling: str) -> str:
-    """``<name>_rdp`` / ``<name>_bmean``: the branch of model ``name``'s per-band embeddings."""
-    if pooling not in BAND_SUFFIXES:
-        raise ValueError(
-            f"band_pooling {pooling!r}: expected one of {', '.join(BAND_SUFFIXES)} (or None for no per-band branch)"
-        )
-    return name + BAND_SUFFIXES[pooling]
-
-
-def record_band_branch(run_dir, name: str, embedder, index, settings, pooling: str, **entry) -> str:
-    """Extract the per-band embeddings ``[N, F, D]`` of branch ``name``'s model (its backbone's grid
-    tokens, before the head, pooled per band over time with ``pooling``) under the extraction
-    ``settings`` (a ``kit.embed.ExtractConfig``; its ``rdp_gamma`` is used), and record them as branch
-    ``<name>_rdp`` / ``<name>_bmean``: ``entry`` as for ``name`` (backbone, model_dir, training, ...),
-    with its own embedding folder, extraction settings, collapse figures and the backbone's parameter
-    count (the head is not used). Returns the new branch's name."""
-    from kit import embed
-
-    band = band_branch_name(name, pooling)
-    band_settings = dataclasses.replace(settings, pooling=pooling)
-    items, emb, folder = embed.extract(embedder, index, run_dir, band, **band_settings.kwargs())
-    backbone = getattr(embedder, "backbone", embedder)
-    record_branch(
-        run_dir,
-        band,
-        **entry,
-        embeddings=folder,
-        parameters=int(sum(p.numel() for p in backbone.parameters())),
-        extraction=band_settings.to_dict(),
-        collapse=embed.check_collapse(items, emb, band),
-        band_of=name,
-    )
-    return band
 
 
 def branch(run_dir: str | os.PathLike, name: str) -> dict:

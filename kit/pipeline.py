@@ -63,6 +63,7 @@ environment variables:
   BEATS_CHECKPOINT   pre-trained checkpoints the recipes use: a local path, a Hugging Face
   EAT_CHECKPOINT     repo id (e.g. worstchan/EAT-base_epoch30_pretrain) or a URL; the report
   FISHER_CHECKPOINT  recipes refuse to run without theirs, the default recipe needs none
+  EFFICIENTAT_CHECKPOINT  EfficientAT release name (default mn04_as, downloaded once) or its .pt file
   NABEATS_CHECKPOINT the NA-BEATs recipes' .ckpt: a release name (dcase2026_nabeats_seed0, _seed1,
                      _seed2: downloaded from MERL's GitHub release), a local path or a URL
   NABEATS_BASE       its base BEATs_iter3.pt; unset: beside the checkpoint, in the cache, or downloaded

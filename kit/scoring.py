@@ -74,6 +74,23 @@ SINGLE_CHANNEL = ("near", "far")
 # Policies made of a clip's near and far embeddings together.
 _PAIRED_POLICIES = ("mean", "zmean", "residual", "orthogonal")
 
+
+def _residual_gain(policy: str) -> float:
+    """The far gain A of a policy ``residual@A`` (``residual@0.5``): several gains are scored side by
+    side in one run, where plain ``residual`` takes the ``residual_scale`` setting."""
+    try:
+        return float(policy.split("@", 1)[1])
+    except ValueError:
+        raise ValueError(
+            f"channel policy {policy!r}: expected residual@A with a number A, e.g. residual@0.5"
+        ) from None
+
+
+def _base_policy(policy: str) -> str:
+    """``residual@0.5`` -> ``residual``; any other policy as it is."""
+    return "residual" if policy.startswith("residual@") else policy
+
+
 # Rows of the test matrix handled per distance block: bounds memory at CHUNK x R floats.
 _CHUNK_ROWS = 2048
 
@@ -930,11 +947,13 @@ def score_embeddings(
     Returns a scores DataFrame (``SCORE_COLUMNS``), one row per clip, training clips included when
     ``include_train``.
     """
-    if channel_policy not in CHANNEL_POLICIES + data.channel_names():
+    if _base_policy(channel_policy) not in CHANNEL_POLICIES + data.channel_names():
         raise ValueError(
-            f"channel_policy must be one of {CHANNEL_POLICIES} or an embedded channel "
-            f"({', '.join(data.channel_names())}), got {channel_policy!r}"
+            f"channel_policy must be one of {CHANNEL_POLICIES} (residual@A: residual with far gain A) or an "
+            f"embedded channel ({', '.join(data.channel_names())}), got {channel_policy!r}"
         )
+    if channel_policy.startswith("residual@"):  # the policy names its own far gain
+        residual_scale = _residual_gain(channel_policy)
     kind = backend_class(backend)
     _backend_options(kind, {"k": k, **options})  # a misspelt setting fails before any work
     emb = _as_embeddings("emb", emb)
@@ -961,7 +980,7 @@ def score_embeddings(
         groups, total=groups.ngroups, desc=f"score {backend}/{channel_policy}", disable=not progress
     ):
         label = channel_policy
-        if channel_policy not in _PAIRED_POLICIES:
+        if _base_policy(channel_policy) not in _PAIRED_POLICIES:
             channel = channel_policy
             if channel_policy == "auto":
                 channel = choose_channel(group, emb, candidates)
@@ -981,7 +1000,7 @@ def score_embeddings(
                 near_scores = _standardise_on_train(clips, _score_channel(clips, emb[near_rows], options))
                 far_scores = _standardise_on_train(clips, _score_channel(clips, emb[far_rows], options))
                 scores = (near_scores + far_scores) / 2.0
-            elif channel_policy == "residual":
+            elif _base_policy(channel_policy) == "residual":
                 near, far = emb[near_rows].astype(np.float32), emb[far_rows].astype(np.float32)
                 residual = _unit_rows("near - far residual", near - np.float32(residual_scale) * far)
                 scores = _score_channel(clips, residual, options, include_train)
@@ -1113,7 +1132,7 @@ def auto_choices(systems: dict[str, pd.DataFrame]) -> dict[str, dict[str, str]]:
 
 def _policy_applies(policy: str, channels: set) -> bool:
     """Whether a branch embedded on ``channels`` can be scored with ``policy``."""
-    if policy == "far" or policy in _PAIRED_POLICIES:
+    if policy == "far" or _base_policy(policy) in _PAIRED_POLICIES:
         return "far" in channels
     if policy == "auto":  # near or a canceller: on mono data (or without cancellers) the near channel
         return "near" in channels

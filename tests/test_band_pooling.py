@@ -138,18 +138,27 @@ def test_extraction_settings_carry_pooling_and_gamma():
     with pytest.raises(ValueError, match="RDP gamma must be a finite number >= 0, got -1"):
         embed.ExtractConfig.from_dict({"rdp_gamma": -1})
     with pytest.raises(ValueError, match="band_pooling 'rdp': expected one of band_rdp, band_mean"):
-        manifest.band_branch_name("cnn", "rdp")
-    assert manifest.band_branch_name("cnn", "band_mean") == "cnn_bmean"
+        embed.band_branch_name("cnn", "rdp")
+    assert embed.band_branch_name("cnn", "band_mean") == "cnn_bmean"
 
 
-def test_record_band_branch_records_the_same_model_beside_its_head_branch(clips, tmp_path):
+def test_embed_branch_records_the_per_band_branch_of_the_same_model_beside_its_head_branch(clips, tmp_path):
     embedder = _cnn_embedder()
     settings = embed.ExtractConfig(channels=("near", "far"), num_workers=0, rdp_gamma=3.0)
-    band = manifest.record_band_branch(
-        tmp_path, "cnn", embedder, clips, settings, "band_rdp", backbone="cnn", model_dir=tmp_path / "cnn"
+    items, emb, _ = embed.embed_branch(
+        tmp_path,
+        clips,
+        "cnn",
+        embedder,
+        settings,
+        band_pooling="band_rdp",
+        backbone="cnn",
+        model_dir=tmp_path / "cnn",
     )
+    assert emb.ndim == 2 and len(emb) == len(items) == 2 * len(clips)  # the head branch: one vector a clip
+    assert manifest.branch(tmp_path, "cnn")["parameters"] == sum(p.numel() for p in embedder.parameters())
     entry = manifest.branch(tmp_path, "cnn_rdp")
-    assert band == "cnn_rdp" and entry["band_of"] == "cnn" and entry["model_dir"] == "cnn"
+    assert entry["band_of"] == "cnn" and entry["model_dir"] == "cnn"
     assert entry["extraction"] == dataclasses.replace(settings, pooling="band_rdp").to_dict()
     assert entry["parameters"] == sum(p.numel() for p in embedder.backbone.parameters())
     assert set(entry["collapse"]) == {"near", "far"}

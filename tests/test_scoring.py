@@ -966,3 +966,23 @@ def test_remove_far_directions_projects_out_the_clip_direction_and_the_principal
         )
     with pytest.raises(ValueError, match="no far embedding"):
         scoring.score_embeddings(with_channels(clips), near, channel_policy="orthogonal", progress=False)
+
+
+def test_a_residual_policy_can_name_its_own_far_gain():
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, label, n in (("train", "normal", 12), ("test", "normal", 6), ("test", "anomaly", 6)):
+        for i in range(n):
+            domain = "target" if i % 4 == 0 else "source"
+            rows.append(("dev", "fan", "00", split, f"{split}_{label}_{i}.wav", domain, label, "x"))
+    clips = pd.DataFrame(rows, columns=[*scoring._ITEM_COLUMNS[:-1], "attributes"])
+    items = pd.concat([clips.assign(channel="near"), clips.assign(channel="far")], ignore_index=True)
+    emb = rng.normal(size=(len(items), 6))
+    named = scoring.score_embeddings(items, emb, channel_policy="residual@0.5", progress=False)
+    setting = scoring.score_embeddings(items, emb, channel_policy="residual", residual_scale=0.5, progress=False)
+    np.testing.assert_allclose(named["score"], setting["score"])
+    assert set(named["channel"]) == {"residual@0.5"}
+    systems = scoring.score_branches({"b": (items, emb)}, ["knn"], ["residual", "residual@0.5"], progress=False)
+    assert set(systems) == {"b-knn-residual", "b-knn-residual@0.5"}
+    with pytest.raises(ValueError, match="expected residual@A with a number"):
+        scoring.score_embeddings(items, emb, channel_policy="residual@half", progress=False)

@@ -34,6 +34,8 @@ SEED_SETTINGS = {  # notebook prefix -> the parameter (path) that takes the seed
     "02": "training.seed",
     "03": "training.seed",
     "04": "training.seed",
+    "05": "training.seed",
+    "06": "training.seed",
     "07": "training.seed",
     "09": "baseline_seed",
     "10": "seed",
