@@ -111,22 +111,6 @@ class ExtractConfig:
     def length_policy(self) -> data.LengthPolicy:
         return data.LengthPolicy(mode=self.length_mode, seconds=self.seconds)
 
-    def kwargs(self) -> dict:
-        """Keyword arguments of ``extract`` / ``compute_embeddings``."""
-        return dict(
-            channels=self.channels,
-            front_end_settings=self.front_end_settings,
-            length=self.length_policy(),
-            mask_padding=self.mask_padding,
-            window_seconds=self.window_seconds,
-            window_hop=self.window_hop,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            precision=self.precision,
-            pooling=self.pooling,
-            rdp_gamma=self.rdp_gamma,
-        )
-
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A hash of every parameter and buffer (names, shapes, values)."""
@@ -369,47 +353,55 @@ def _as_is(item):
     return item
 
 
+def _settings(settings: ExtractConfig | None, fields: dict) -> ExtractConfig:
+    """``settings`` (default: ``ExtractConfig()``) with ``fields`` (ExtractConfig fields) laid over it:
+    every extraction setting is defaulted and checked in ExtractConfig alone."""
+    if settings is not None and not isinstance(settings, ExtractConfig):
+        raise TypeError(
+            f"extraction settings must be a kit.embed.ExtractConfig, got {type(settings).__name__}"
+        )
+    try:
+        return dataclasses.replace(settings or ExtractConfig(), **fields)
+    except TypeError as error:  # a field ExtractConfig does not have
+        raise ValueError(
+            f"unknown extraction setting(s) {sorted(set(fields) - set(ExtractConfig.fields()))}"
+        ) from error
+
+
 @torch.no_grad()
 def compute_embeddings(
     embedder: torch.nn.Module,
     index: pd.DataFrame,
+    settings: ExtractConfig | None = None,
     *,
-    channels=("near", "far"),
-    front_end_settings: dict | None = None,
-    length: data.LengthPolicy | None = None,
-    mask_padding: bool = True,
-    window_seconds: float | None = None,
-    window_hop: float | None = None,
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    precision: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
-    pooling: str = "head",
-    rdp_gamma: float = heads.RDP_GAMMA,
+    **fields,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Embed every clip of ``index`` for every channel. Returns ``(items, emb)``: ``items`` holds the
-    index columns plus ``channel``, one row per (clip, channel) in index order, channel-major.
+    """Embed every clip of ``index`` for every channel of ``settings`` (an :class:`ExtractConfig`;
+    ``fields`` override single settings, e.g. ``channels=("near",)``). Returns ``(items, emb)``:
+    ``items`` holds the index columns plus ``channel``, one row per (clip, channel) in index order,
+    channel-major.
 
-    ``length`` brings each clip to length first (the backbone is told how many samples are audio, so
-    added zeros are masked, unless ``mask_padding=False``); with ``window_seconds`` the clip's audio
-    is then cut into windows (``window_hop`` apart, default half a window, see ``window_starts``) and
-    the clip's embedding is the mean of its windows' embeddings. Clips are decoded by ``num_workers``
-    loader processes (None: ``kit.data.default_workers()``) while the model runs, under the
-    ``precision`` policy of ``kit.precision``.
+    Each clip is first brought to length (``length_mode``/``seconds``; the backbone is told how many
+    samples are audio, so added zeros are masked, unless ``mask_padding=False``); with
+    ``window_seconds`` the clip's audio is then cut into windows (``window_hop`` apart, default half a
+    window, see ``window_starts``) and the clip's embedding is the mean of its windows' embeddings.
+    Clips are decoded by ``num_workers`` loader processes (None: ``kit.data.default_workers()``) while
+    the model runs, under the ``precision`` policy of ``kit.precision``.
 
     ``pooling``: ``"head"`` gives the embedder's output ``[N, D]``; ``"band_mean"``/``"band_rdp"`` the
     backbone's grid tokens pooled per band over time (RDP with ``rdp_gamma``), ``[N, F, D]``, the
     windows of a clip averaged per band."""
     from kit import precision as precision_policy
 
-    _check_pooling(pooling, rdp_gamma)
-    if pooling != "head":
-        embedder = _GridEmbedder(embedder, pooling, rdp_gamma)
-    length = length or data.LengthPolicy(mode="none")
-    window = _check_window(window_seconds, window_hop)
+    settings = _settings(settings, fields)
+    channels, length, batch_size = settings.channels, settings.length_policy(), settings.batch_size
+    if settings.pooling != "head":
+        embedder = _GridEmbedder(embedder, settings.pooling, settings.rdp_gamma)
+    window = _check_window(settings.window_seconds, settings.window_hop)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    prec = precision_policy.resolve(precision, device)
+    prec = precision_policy.resolve(settings.precision, device)
     embedder = embedder.to(device).eval()
     index = index.reset_index(drop=True)
     data.usable_channels(channels, index)  # a channel that needs the far microphone on mono data fails
@@ -420,10 +412,16 @@ def compute_embeddings(
     longest = float(index["duration"].max()) if length.mode == "none" else float(length.seconds)
     _warn_if_cut(embedder, longest, window)
     batches = _batches(index, batch_size)
-    workers = data.default_workers() if num_workers is None else num_workers
+    workers = data.default_workers() if settings.num_workers is None else settings.num_workers
     loader = torch.utils.data.DataLoader(
         _DecodedBatches(
-            index["path"], batches, channels, length, mask_padding, front_end_settings, takes_reference
+            index["path"],
+            batches,
+            channels,
+            length,
+            settings.mask_padding,
+            settings.front_end_settings,
+            takes_reference,
         ),
         batch_size=None,
         num_workers=min(workers, len(batches)),
@@ -462,51 +460,36 @@ def extract(
     index: pd.DataFrame,
     run_dir: str | os.PathLike,
     name: str,
+    settings: ExtractConfig | None = None,
     *,
-    channels=("near", "far"),
-    front_end_settings: dict | None = None,
-    length: data.LengthPolicy | None = None,
-    mask_padding: bool = True,
-    window_seconds: float | None = None,
-    window_hop: float | None = None,
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    precision: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
-    pooling: str = "head",
-    rdp_gamma: float = heads.RDP_GAMMA,
+    **fields,
 ) -> tuple[pd.DataFrame, np.ndarray, Path]:
     """``compute_embeddings`` behind the cache. Returns ``(items, emb, cache_folder)``."""
-    _check_pooling(pooling, rdp_gamma)
-    length = length or data.LengthPolicy(mode="none")
-    window = _check_window(window_seconds, window_hop)
-    fingerprint = data_fingerprint(index, channels, length, window, mask_padding, front_end_settings)
-    if precision not in ("auto", "fp32"):  # a forced low precision gives other numbers: its own cache
-        fingerprint += precision
-    if pooling != "head":  # only then, so the caches of head embeddings stay valid
-        fingerprint += f"|{pooling}" + (f"|gamma={float(rdp_gamma)!r}" if pooling == "band_rdp" else "")
+    settings = _settings(settings, fields)
+    window = _check_window(settings.window_seconds, settings.window_hop)
+    fingerprint = data_fingerprint(
+        index,
+        settings.channels,
+        settings.length_policy(),
+        window,
+        settings.mask_padding,
+        settings.front_end_settings,
+    )
+    if settings.precision not in (
+        "auto",
+        "fp32",
+    ):  # a forced low precision gives other numbers: its own cache
+        fingerprint += settings.precision
+    if settings.pooling != "head":  # only then, so the caches of head embeddings stay valid
+        gamma = f"|gamma={float(settings.rdp_gamma)!r}" if settings.pooling == "band_rdp" else ""
+        fingerprint += f"|{settings.pooling}" + gamma
     key = hashlib.sha1((model_fingerprint(embedder) + fingerprint).encode())
     folder = Path(run_dir) / "embeddings" / f"{name}-{key.hexdigest()[:12]}"
     if (folder / "emb.npy").exists() and (folder / "items.csv").exists():
         return load(folder) + (folder,)
-    items, emb = compute_embeddings(
-        embedder,
-        index,
-        channels=channels,
-        front_end_settings=front_end_settings,
-        length=length,
-        mask_padding=mask_padding,
-        window_seconds=window_seconds,
-        window_hop=window_hop,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-        device=device,
-        progress=progress,
-        pooling=pooling,
-        rdp_gamma=rdp_gamma,
-    )
+    items, emb = compute_embeddings(embedder, index, settings, device=device, progress=progress)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         items.to_csv(tmp / "items.csv", index=False)
@@ -579,7 +562,7 @@ def embed_branch(
     )
     poolings = [band_pooling] if isinstance(band_pooling, str) else list(band_pooling or [])
     bands = [band_branch_name(name, pooling) for pooling in poolings]  # a wrong name fails before any work
-    items, emb, folder = extract(embedder, index, run_dir, name, **settings.kwargs())
+    items, emb, folder = extract(embedder, index, run_dir, name, settings)
     parameters = int(sum(p.numel() for p in embedder.parameters()))
     manifest.record_branch(
         run_dir,
@@ -593,7 +576,7 @@ def embed_branch(
     backbone = getattr(embedder, "backbone", embedder)
     for band, pooling in zip(bands, poolings):
         band_settings = dataclasses.replace(settings, pooling=pooling)
-        band_items, band_emb, band_folder = extract(embedder, index, run_dir, band, **band_settings.kwargs())
+        band_items, band_emb, band_folder = extract(embedder, index, run_dir, band, band_settings)
         manifest.record_branch(
             run_dir,
             band,

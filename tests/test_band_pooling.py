@@ -127,7 +127,7 @@ def test_band_pooling_of_a_backbone_without_a_grid_names_it_and_the_setting(clip
 
 def test_extraction_settings_carry_pooling_and_gamma():
     settings = embed.ExtractConfig.from_dict({"pooling": "band_rdp", "rdp_gamma": 2})
-    assert settings.kwargs()["pooling"] == "band_rdp" and settings.kwargs()["rdp_gamma"] == 2
+    assert settings.pooling == "band_rdp" and settings.rdp_gamma == 2
     assert settings.to_dict()["pooling"] == "band_rdp"
     default = embed.ExtractConfig()
     assert (default.pooling, default.rdp_gamma) == ("head", 4.0)

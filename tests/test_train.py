@@ -285,9 +285,9 @@ def test_padding_is_masked_at_extraction_unless_fed_as_input(tone_index):
     clips = tone_index.iloc[:2]
     kwargs = dict(channels=("near",), progress=False)
     _, plain = embed.compute_embeddings(embedder, clips, **kwargs)
-    padded = data.LengthPolicy(mode="pad_or_cut", seconds=1.5)
-    _, masked = embed.compute_embeddings(embedder, clips, length=padded, **kwargs)
-    _, as_input = embed.compute_embeddings(embedder, clips, length=padded, mask_padding=False, **kwargs)
+    padded = dict(length_mode="pad_or_cut", seconds=1.5)
+    _, masked = embed.compute_embeddings(embedder, clips, **padded, **kwargs)
+    _, as_input = embed.compute_embeddings(embedder, clips, **padded, mask_padding=False, **kwargs)
     np.testing.assert_allclose(masked, plain, atol=1e-5)
     assert np.abs(as_input - plain).max() > 1e-3
     eat = train.build_embedder(_cfg(backbone="eat", backbone_options={"target_length": 64})).eval()
@@ -299,7 +299,7 @@ def test_extraction_settings_are_checked():
     settings = embed.ExtractConfig.from_dict(
         {"length_mode": "pad_or_cut", "seconds": 16.0, "channels": "near"}
     )
-    assert settings.channels == ("near",) and settings.kwargs()["length"].n_samples == 16 * SR
+    assert settings.channels == ("near",) and settings.length_policy().n_samples == 16 * SR
     with pytest.raises(ValueError, match=r"unknown extraction setting\(s\) \['window'\]; valid settings"):
         embed.ExtractConfig.from_dict({"window": 5.0})
     with pytest.raises(ValueError, match="needs seconds"):
@@ -616,3 +616,15 @@ def test_mixup_prob_mixes_a_share_of_the_batches_and_resumes_exactly(tone_index,
         torch.testing.assert_close(weights(split)[key], value, rtol=0, atol=1e-6, msg=key)
     with pytest.raises(ValueError, match="mixup_prob must be in"):
         train.TrainConfig.from_dict({"mixup_prob": 1.5})
+
+
+def test_extraction_takes_one_settings_object_and_names_a_wrong_field(tone_index, tmp_path):
+    embedder = train.statistics_embedder()
+    settings = embed.ExtractConfig(channels=("near",), num_workers=0)
+    _, by_object = embed.compute_embeddings(embedder, tone_index, settings, progress=False)
+    _, by_field = embed.compute_embeddings(embedder, tone_index, channels=("near",), num_workers=0, progress=False)
+    np.testing.assert_array_equal(by_object, by_field)
+    with pytest.raises(ValueError, match=r"unknown extraction setting\(s\) \['chanels'\]"):
+        embed.extract(embedder, tone_index, tmp_path, "x", settings, chanels=("near",))
+    with pytest.raises(TypeError, match="must be a kit.embed.ExtractConfig"):
+        embed.compute_embeddings(embedder, tone_index, {"channels": ["near"]})
