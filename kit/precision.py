@@ -366,7 +366,7 @@ def use_gradient_checkpointing(
     crop_seconds: float | None,
 ) -> bool:
     """The gradient-checkpointing rule: ``requested`` True/False is kept as is; None (auto) turns it
-    on for a backbone of at least ``RELEASE_SIZE_PARAMETERS`` parameters (``kit.train.count_parameters``)
+    on for a backbone of at least ``RELEASE_SIZE_PARAMETERS`` parameters (``kit.models.count_parameters``)
     training on crops of at least ``CHECKPOINTING_FROM_SECONDS`` on a GPU reporting less than
     ``CHECKPOINTING_BELOW_GIB`` of memory (a card of less than 24 GB). ``crop_seconds`` None means
     whole clips of unknown length (taken as long)."""

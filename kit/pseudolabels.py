@@ -16,7 +16,7 @@ Features (``pseudo_features``):
   without pretrained weights (no checkpoint, e.g. the cnn trained from scratch) would give meaningless
   clusters, and one that needs a noise reference is not run alone: for those the log-mel statistics are
   used, with a warning;
-- ``"logmel"``: the per-band log-mel ``[mean; std]`` of ``kit.train.statistics_embedder``.
+- ``"logmel"``: the per-band log-mel ``[mean; std]`` of ``kit.models.statistics_embedder``.
 
 Clips are embedded whole, on the first channel of the run (``TrainConfig.channels``: the near channel,
 or a canceller such as ``w1`` as in the source).
@@ -81,7 +81,7 @@ def check_settings(k_source, k_target, seed, features="backbone") -> None:
 def settings_of(cfg, channel: str) -> dict:
     """What decides the pseudo-labels of training config ``cfg`` (a ``kit.train.TrainConfig``), as
     recorded in the file and compared on reuse: k, seed, restarts, the feature source and channel."""
-    from kit.train import file_fingerprint
+    from kit.models import file_fingerprint
 
     check_settings(cfg.pseudo_k_source, cfg.pseudo_k_target, cfg.pseudo_seed, cfg.pseudo_features)
     settings = {
@@ -132,11 +132,11 @@ class FrozenFeatures(nn.Module):
 
 
 def _logmel_fallback(reason: str) -> tuple[nn.Module, dict]:
-    from kit.train import statistics_embedder
+    from kit.models import statistics_embedder
 
     warnings.warn(
         f"pseudo-labels: {reason}, so the clips are clustered on log-mel statistics "
-        "(kit.train.statistics_embedder) instead",
+        "(kit.models.statistics_embedder) instead",
         stacklevel=3,
     )
     return statistics_embedder(), {"source": "logmel", "pooling": "mean_std"}
@@ -145,7 +145,7 @@ def _logmel_fallback(reason: str) -> tuple[nn.Module, dict]:
 def feature_extractor(cfg) -> tuple[nn.Module, dict]:
     """The clip-feature model for ``cfg.pseudo_features`` and a description of what it is (recorded in
     the file): the frozen pretrained backbone, or the log-mel statistics (asked for, or the fallback)."""
-    from kit.train import statistics_embedder
+    from kit.models import statistics_embedder
 
     if cfg.pseudo_features == "logmel":
         return statistics_embedder(), {"source": "logmel", "pooling": "mean_std"}

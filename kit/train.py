@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import random
@@ -44,12 +43,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from kit import backbones, data, heads, losses, precision, pseudolabels
+from kit import data, losses, precision, pseudolabels
 from kit.augment import SpecAugment, mixup, noise_mix
 from kit.files import atomic_path, write_text_atomic
-from kit.lora import add_lora, save_adapters
-
-MODES = ("full", "partial", "lora", "frozen")
+from kit.lora import save_adapters
+from kit.models import (
+    MODES,
+    Embedder,
+    ModelConfig,
+    build_embedder,
+    count_parameters,
+    file_fingerprint,
+    load_trainable_state,
+    read_model,
+    trainable_state,
+)
 
 
 @dataclass
@@ -205,6 +213,11 @@ class TrainConfig:
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise ValueError(f"num_workers must be None (from the cores) or >= 0, got {self.num_workers!r}")
 
+    @property
+    def model(self) -> ModelConfig:
+        """The model these settings train (backbone, checkpoint, head, mode, LoRA, ...)."""
+        return ModelConfig.of(self)
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         for key in ("channels", "train_datasets", "noise_mix_snr"):
@@ -244,93 +257,6 @@ def resolve_config(
     return dataclasses.replace(
         cfg, channels=data.usable_channels(cfg.channels, index, mono_fallback=fallback)
     )
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Every parameter of the module, trainable or frozen (the meta file's total_parameters)."""
-    return int(sum(p.numel() for p in module.parameters()))
-
-
-class Embedder(nn.Module):
-    """Backbone + pooling head: ``(waves, lengths) -> embeddings [B, embed_dim]``."""
-
-    def __init__(self, backbone: backbones.Backbone, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(
-        self, waves: torch.Tensor, lengths: torch.Tensor, augment=None, reference=None, reference_lengths=None
-    ) -> torch.Tensor:
-        """``augment``: an optional ``(features, n_frames) -> features`` the backbone applies to its
-        front-end features in training mode (SpecAugment); ``reference``/``reference_lengths``: the noise
-        reference of a backbone that takes one (``backbone.takes_reference``)."""
-        tokens, padding_mask = self.backbone(
-            waves, lengths, augment=augment, reference=reference, reference_lengths=reference_lengths
-        )
-        return self.head(tokens, padding_mask)
-
-
-def statistics_embedder(config: str = "dcase", **options) -> Embedder:
-    """The training-free branch: the log-mel backbone (``kit.backbones.logmel``, config ``config``) and
-    the parameter-free ``"stats"`` head, giving ``[mean; std]`` of every band over each clip's valid
-    frames. Nothing to train: ready for ``kit.embed.extract``."""
-    backbone = backbones.load("logmel", config=config, **options)
-    return Embedder(backbone, heads.make_head("stats", backbone.embed_dim, None)).eval()
-
-
-def pretrained_embedder(
-    backbone: str, checkpoint: str | os.PathLike | None, head: str = "stats", **options
-) -> Embedder:
-    """The frozen branch: a backbone with its pretrained weights as they are (``kit.backbones.load(backbone,
-    checkpoint, **options)``) and a parameter-free head over each clip's valid time tokens: ``"stats"``,
-    ``[mean; std]`` of every channel, or ``"mean"``, the mean alone. Nothing to train: ready for
-    ``kit.embed.extract``."""
-    if head not in ("stats", "mean"):
-        raise ValueError(
-            f"pretrained_embedder's head must be 'stats' or 'mean' (parameter-free), got {head!r}"
-        )
-    model = backbones.load(backbone, checkpoint, **options)
-    pool = heads.make_head(head, model.embed_dim, None if head == "stats" else model.embed_dim)
-    if head == "mean":
-        pool.projection = nn.Identity()  # the masked mean itself, no weights
-    for p in model.parameters():
-        p.requires_grad = False
-    return Embedder(model, pool).eval()
-
-
-def build_embedder(cfg: TrainConfig) -> Embedder:
-    """Load the backbone, attach the head and set which weights train according to ``cfg.mode``."""
-    backbone = backbones.load(
-        cfg.backbone, cfg.checkpoint, config=cfg.backbone_config, **cfg.backbone_options
-    )
-    head = heads.make_head(cfg.head, backbone.embed_dim, cfg.embed_dim)
-    if cfg.mode == "lora" and not (cfg.lora_targets or backbone.lora_target_modules):
-        raise ValueError(
-            f"{cfg.backbone} is a CNN: LoRA targets attention projections; use full or partial "
-            "(or name the layers to adapt in lora_targets)"
-        )
-    if cfg.mode == "lora":
-        add_lora(
-            backbone,
-            rank=cfg.lora_rank,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            targets=cfg.lora_targets,
-        )
-    elif cfg.mode in ("partial", "frozen"):
-        for p in backbone.parameters():
-            p.requires_grad = False
-        if cfg.mode == "partial":
-            if not 0 < cfg.train_last_n <= len(backbone.blocks):
-                raise ValueError(
-                    f"train_last_n={cfg.train_last_n} but the backbone has {len(backbone.blocks)} blocks"
-                )
-            for block in backbone.blocks[-cfg.train_last_n :]:
-                for p in block.parameters():
-                    p.requires_grad = True
-    backbone.set_gradient_checkpointing(bool(cfg.gradient_checkpointing))
-    return Embedder(backbone, head)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,30 +416,6 @@ class ProxyTask(nn.Module):
         return loss, acc
 
 
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights that training changes (plus all buffers): what checkpoints and ``model.pt`` hold.
-    Frozen backbone weights are rebuilt from the original checkpoint, so they are not copied."""
-    state = {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
-    state.update({n: b.detach().cpu() for n, b in module.named_buffers()})
-    return state
-
-
-def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    own = dict(module.named_parameters()) | dict(module.named_buffers())
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise ValueError(
-            f"{source}: weights {unknown[:5]} do not belong to this model (another configuration?)"
-        )
-    with torch.no_grad():
-        for name, value in state.items():
-            if own[name].shape != value.shape:
-                raise ValueError(
-                    f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(own[name].shape)}"
-                )
-            own[name].copy_(value)
-
-
 @dataclass(frozen=True)
 class _Place:
     """Where this process trains: the world size, its rank and its device."""
@@ -541,22 +443,6 @@ def _place(cfg: TrainConfig) -> _Place:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return _Place(world, rank, device)
-
-
-def file_fingerprint(path: str | os.PathLike | None) -> str | None:
-    """SHA-1 of a local checkpoint file (or of a folder's files), so a resumed run recognises the same
-    checkpoint moved elsewhere; None for a remote spec (a repo id or URL names its content)."""
-    if path is None or not Path(path).expanduser().exists():
-        return None
-    path = Path(path).expanduser()
-    digest = hashlib.sha1()
-    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if file.is_file():
-            digest.update(file.name.encode())
-            with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 23), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _refuse_other_settings(cfg: TrainConfig, saved: dict, source: Path) -> None:
@@ -595,7 +481,7 @@ def train(
     out = Path(run_dir) / cfg.name
     ckpt_path = out / "checkpoints" / "last.pt"
     if (out / "model.pt").exists() and not ckpt_path.exists():
-        _refuse_other_settings(cfg, _read_model(out / "model.pt"), out / "model.pt")
+        _refuse_other_settings(cfg, read_model(out / "model.pt"), out / "model.pt")
         return out  # already trained with these settings
     place = _place(cfg)
     prec = precision.resolve(cfg.precision, place.device)
@@ -607,7 +493,7 @@ def train(
     if cfg.label_scheme in data.PSEUDO_SCHEMES:  # <run_dir>/pseudo_labels/<name>.csv: read, or made once
         items = pseudolabels.label_items(items, cfg, run_dir, place=place, progress=progress)
     codes, classes = data.make_labels(items, cfg.label_scheme)
-    embedder = build_embedder(cfg)
+    embedder = build_embedder(cfg.model)
     checkpointing = precision.use_gradient_checkpointing(
         cfg.gradient_checkpointing,
         prec.facts,
@@ -954,31 +840,6 @@ def _export(out: Path, embedder: Embedder, history: list, cfg: TrainConfig, chec
     with atomic_path(out / "history.csv") as tmp:
         frame.to_csv(tmp, index=False)
     plots.training_curves(frame, out / "training_curves.png", title=cfg.name)
-
-
-def _read_model(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises several kinds for a corrupt or foreign file
-        from kit.backbones.loading import describe_load_error  # torch's weights_only advice left out
-
-        raise ValueError(
-            f"{path} is not a model written by kit.train (corrupt or another kind): {describe_load_error(err)}"
-        ) from err
-
-
-def load_embedder(model_dir: str | os.PathLike) -> Embedder:
-    """Rebuild a fine-tuned embedder from ``<run_dir>/<name>`` (config + original checkpoint + model.pt)."""
-    model_dir = Path(model_dir)
-    path = model_dir / "model.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: has training finished for {model_dir.name}?")
-    saved = _read_model(path)
-    cfg = TrainConfig.from_dict(saved["config"])
-    torch.manual_seed(cfg.seed)
-    embedder = build_embedder(cfg)
-    load_trainable_state(embedder, saved["state"], str(path))
-    return embedder.eval()
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m kit.train") -> None:

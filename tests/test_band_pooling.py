@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from kit import backbones, data, embed, heads, manifest, pipeline, train
+from kit import backbones, data, embed, heads, manifest, models, pipeline
 from kit.backbones import Backbone, cnn
 
 SR = 16000
@@ -35,10 +35,10 @@ def clips(tmp_path_factory):
     return data.build_index(root, progress=False)
 
 
-def _cnn_embedder(seed: int = 0) -> train.Embedder:
+def _cnn_embedder(seed: int = 0) -> models.Embedder:
     torch.manual_seed(seed)
     backbone = backbones.load("cnn", config="unit")
-    return train.Embedder(backbone, heads.make_head("mean", backbone.embed_dim, 8)).eval()
+    return models.Embedder(backbone, heads.make_head("mean", backbone.embed_dim, 8)).eval()
 
 
 def _expected(embedder, wave: np.ndarray, pooling: str, gamma: float = 4.0) -> np.ndarray:
@@ -116,7 +116,7 @@ class _NoGrid(Backbone):
 
 
 def test_band_pooling_of_a_backbone_without_a_grid_names_it_and_the_setting(clips):
-    embedder = train.Embedder(_NoGrid(), heads.make_head("mean", 4, 4))
+    embedder = models.Embedder(_NoGrid(), heads.make_head("mean", 4, 4))
     with pytest.raises(
         ValueError, match=r"pooling='band_rdp' .* gridless backbone has no time x frequency grid"
     ):

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from kit import backbones, data, heads, losses, train
+from kit import backbones, data, heads, losses, models, train
 from kit.backbones import cnn
 from kit.lora import add_lora
 
@@ -182,7 +182,7 @@ def test_trains_through_kit_train_and_reloads_from_its_model_pt(tone_index, tmp_
         )
     )
     folder = train.train(tone_index, cfg, tmp_path, progress=False)
-    embedder = train.load_embedder(folder)
+    embedder = models.load_embedder(folder)
     assert isinstance(embedder.backbone, cnn.Cnn)
     backbone = backbones.load("cnn", folder)  # the backbone part of model.pt, through the factory
     waves, lengths = _random_batch([4000, 3000], seed=3)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kit import backbones, embed, heads, losses, manifest, pipeline, synth, train
+from kit import backbones, embed, heads, losses, manifest, models, pipeline, synth, train
 from kit.backbones import CheckpointError, efficientat
 
 ATOL = 1e-4
@@ -268,7 +268,7 @@ def test_batchnorm_statistics_stay_frozen_while_the_weights_train(release_file):
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     task = train.ProxyTask(
-        train.Embedder(model, heads.make_head("mean", 384, 8)), losses.make_loss("arcface", 8, 2)
+        models.Embedder(model, heads.make_head("mean", 384, 8)), losses.make_loss("arcface", 8, 2)
     )
     task.train()
     assert model.training and all(not m.training for m in norms)
@@ -301,7 +301,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_fine_tuning_modes(release_file):
     def embedder(**settings):
         cfg = train.TrainConfig(backbone="efficientat", checkpoint=str(release_file), **settings)
-        return train.build_embedder(cfg)
+        return models.build_embedder(cfg)
 
     partial = embedder(mode="partial", train_last_n=2)
     backbone = partial.backbone
@@ -345,9 +345,9 @@ def test_loss_falls_on_a_tiny_task(release_file):
 
 def test_pretrained_embedder_pools_the_frozen_tokens(release_file, expected):
     waves, lengths = _padded(expected, fill=0.5)
-    stats = train.pretrained_embedder("efficientat", release_file)
-    mean = train.pretrained_embedder("efficientat", release_file, head="mean")
-    assert train.count_parameters(stats) == train.count_parameters(stats.backbone)  # the head has none
+    stats = models.pretrained_embedder("efficientat", release_file)
+    mean = models.pretrained_embedder("efficientat", release_file, head="mean")
+    assert models.count_parameters(stats) == models.count_parameters(stats.backbone)  # the head has none
     assert not any(p.requires_grad for p in stats.parameters()) and not stats.training
     with torch.no_grad():
         pooled, averaged = stats(waves, lengths), mean(waves, lengths)
@@ -355,7 +355,7 @@ def test_pretrained_embedder_pools_the_frozen_tokens(release_file, expected):
     _close(averaged, np.concatenate([expected["a_embedding"], expected["b_embedding"]]))
     torch.testing.assert_close(pooled[:, :384], averaged)
     with pytest.raises(ValueError, match="head must be 'stats' or 'mean'"):
-        train.pretrained_embedder("efficientat", release_file, head="asp")
+        models.pretrained_embedder("efficientat", release_file, head="asp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def test_notebook_05_fine_tunes_and_embeds_frozen(release_file, tmp_path):
     assert train.TrainConfig.from_dict(tuned["training"]).steps == 2
     assert frozen["training"] == {"checkpoint": str(release_file), "finetune": False, "head": "stats"}
     assert frozen["model_dir"] is None and frozen["parameters"] == tuned["parameters"] - (
-        train.count_parameters(train.load_embedder(run_dir / "eat_ft").head)
+        models.count_parameters(models.load_embedder(run_dir / "eat_ft").head)
     )
     _, tuned_emb = embed.load(manifest.embedding_folder(run_dir, "eat_ft"))
     items, frozen_emb = embed.load(manifest.embedding_folder(run_dir, "eat_frozen"))

@@ -238,6 +238,8 @@ def test_fuse_systems_adds_the_fusion_and_the_mean_beside_it():
     systems, record = fusion.fuse_systems(branches, "mean", progress=False)
     assert set(systems) == {"fusion"} and record["weights"] is None
     systems, record = fusion.fuse_systems(branches, "bayes", bayes_iter=1, bayes_init=1, progress=False)
-    assert set(systems) == {"fusion", "fusion-mean", "fusion-heldout"} and set(record["weights"]) == set(branches)
+    assert set(systems) == {"fusion", "fusion-mean", "fusion-heldout"} and set(record["weights"]) == set(
+        branches
+    )
     with pytest.raises(ValueError, match="unknown fusion rule 'median'"):
         fusion.fuse_systems(branches, "median")

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from kit import backbones, data, embed, train
+from kit import backbones, data, embed, models
 from kit.backbones import logmel
 
 SR = 16000
@@ -49,7 +49,7 @@ def test_registered_without_warning_and_without_weights():
 
 
 def test_statistics_embedder_matches_torchaudio_on_every_clip_of_a_padded_batch():
-    embedder = train.statistics_embedder()
+    embedder = models.statistics_embedder()
     lengths = [16000, 5000, 23456]
     waves, lens = _waves(lengths)
     waves[1, 5000:] = 3.0  # padding content must not matter
@@ -93,7 +93,7 @@ def test_extract_runs_on_it_and_the_cache_tells_configurations_apart(tmp_path):
             SR,
         )
     index = data.build_index(tmp_path / "root", progress=False)
-    embedder = train.statistics_embedder()
+    embedder = models.statistics_embedder()
     meta, emb, cache = embed.extract(
         embedder, index, tmp_path / "run", "stats", channels=("near",), progress=False
     )
@@ -101,7 +101,7 @@ def test_extract_runs_on_it_and_the_cache_tells_configurations_apart(tmp_path):
     for row, path in zip(emb, meta["path"]):
         wave = torch.from_numpy(data.load_audio(path))
         np.testing.assert_allclose(row, _reference_statistics(wave).numpy(), atol=2e-3, rtol=1e-4)
-    other = train.statistics_embedder(hop_length=256)  # same filterbank, another hop
+    other = models.statistics_embedder(hop_length=256)  # same filterbank, another hop
     _, emb_other, cache_other = embed.extract(
         other, index, tmp_path / "run", "stats", channels=("near",), progress=False
     )

@@ -605,8 +605,12 @@ def test_development_results_score_the_development_test_clips_only():
                     if split == "train" and label == "anomaly":
                         continue
                     for i in range(3):
-                        rows.append((dataset, "fan", "00", split, f"{split}_{domain}_{label}_{i}.wav", domain, label))
-    frame = pd.DataFrame(rows, columns=["dataset", "machine", "section", "split", "file_name", "domain", "label"])
+                        rows.append(
+                            (dataset, "fan", "00", split, f"{split}_{domain}_{label}_{i}.wav", domain, label)
+                        )
+    frame = pd.DataFrame(
+        rows, columns=["dataset", "machine", "section", "split", "file_name", "domain", "label"]
+    )
     frame["channel"] = "near"
     frame["score"] = (frame["label"] == "anomaly").astype(float)
     frame.loc[frame["dataset"] == "eval", "label"] = "unknown"  # evaluation clips carry no labels

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kit import backbones
+from kit import backbones, models
 from kit.backbones import CheckpointError, beats, load, lora_targets, nabeats
 
 ATOL = 1e-4
@@ -364,7 +364,7 @@ def stereo_index(tmp_path_factory):
 def _fused_embedder():
     """A small NA-BEATs whose fusion blocks are not the identity (so the reference matters), with the
     parameter-free statistics head."""
-    from kit import heads, train
+    from kit import heads
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -373,7 +373,7 @@ def _fused_embedder():
     with torch.no_grad():
         for p in model.fusion_layers.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    return train.Embedder(model, heads.make_head("stats", model.embed_dim, None)).eval()
+    return models.Embedder(model, heads.make_head("stats", model.embed_dim, None)).eval()
 
 
 def _by_hand(embedder, waves, references):
@@ -488,7 +488,7 @@ def test_fine_tuning_trains_the_fusion_blocks_with_the_reference(stereo_index, t
     saved = torch.load(out / "model.pt", weights_only=True)["state"]
     backbone_keys = [k for k in saved if k.startswith("backbone.")]
     assert backbone_keys and all(k.startswith("backbone.fusion_layers.") for k in backbone_keys)
-    embedder = train.load_embedder(out)
+    embedder = models.load_embedder(out)
     x = 0.1 * torch.randn(2, 9000)
     with torch.no_grad():
         assert embedder(x, torch.tensor([9000, 8000]), reference=x.flip(0)).shape == (2, 8)
@@ -513,10 +513,9 @@ def test_per_band_extraction_keeps_the_reference(stereo_index):
 
 @pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
 def test_full_mode_trains_the_fusion_blocks_and_lora_its_adapters():
-    from kit import train
 
     for mode, trained in (("full", "fusion_layers."), ("lora", "lora_")):
-        embedder = train.build_embedder(_train_cfg(mode=mode, lora_rank=2))
+        embedder = models.build_embedder(_train_cfg(mode=mode, lora_rank=2))
         names = [n for n, p in embedder.backbone.named_parameters() if p.requires_grad]
         assert names and all(trained in n for n in names), mode
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from kit import backbones
+from kit import backbones, models
 from kit import precision as P
 from kit.precision import DeviceFacts, GradientOverflowError, Precision, PrecisionError
 
@@ -338,8 +338,7 @@ def test_gradient_checkpointing_rule(facts, parameters, seconds, requested, expe
 
 
 def test_gradient_checkpointing_rule_inputs():
-    from kit import train
 
-    assert train.count_parameters(nn.Linear(10, 3)) == 33
+    assert models.count_parameters(nn.Linear(10, 3)) == 33
     with pytest.raises(ValueError, match=r"True, False or None \(auto\), got 'yes'"):
         P.use_gradient_checkpointing("yes", T4, parameters=1, crop_seconds=1.0)

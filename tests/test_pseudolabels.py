@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from kit import data, manifest, pseudolabels, train
+from kit import data, manifest, models, pseudolabels, train
 
 SR = 16000
 
@@ -314,7 +314,7 @@ def test_pretrained_backbone_features(index, tmp_path, backbone_fixtures):
     else:
         assert described["pooling"] == "mean_std" and features.shape == (len(clips), 2 * backbone.embed_dim)
     settings = pseudolabels.settings_of(cfg, "near")
-    assert settings["checkpoint_sha1"] == train.file_fingerprint(cfg.checkpoint)
+    assert settings["checkpoint_sha1"] == models.file_fingerprint(cfg.checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -979,10 +979,14 @@ def test_a_residual_policy_can_name_its_own_far_gain():
     items = pd.concat([clips.assign(channel="near"), clips.assign(channel="far")], ignore_index=True)
     emb = rng.normal(size=(len(items), 6))
     named = scoring.score_embeddings(items, emb, channel_policy="residual@0.5", progress=False)
-    setting = scoring.score_embeddings(items, emb, channel_policy="residual", residual_scale=0.5, progress=False)
+    setting = scoring.score_embeddings(
+        items, emb, channel_policy="residual", residual_scale=0.5, progress=False
+    )
     np.testing.assert_allclose(named["score"], setting["score"])
     assert set(named["channel"]) == {"residual@0.5"}
-    systems = scoring.score_branches({"b": (items, emb)}, ["knn"], ["residual", "residual@0.5"], progress=False)
+    systems = scoring.score_branches(
+        {"b": (items, emb)}, ["knn"], ["residual", "residual@0.5"], progress=False
+    )
     assert set(systems) == {"b-knn-residual", "b-knn-residual@0.5"}
     with pytest.raises(ValueError, match="expected residual@A with a number"):
         scoring.score_embeddings(items, emb, channel_policy="residual@half", progress=False)

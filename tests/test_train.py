@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 import yaml
 
-from kit import data, embed, train
+from kit import backbones, data, embed, models, train
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_loss_falls_and_classes_separate(tone_index, tmp_path):
     history = pd.read_csv(out / "history.csv")
     assert history["loss"].iloc[-8:].mean() < 0.6 * history["loss"].iloc[:8].mean()
     assert (out / "training_curves.png").stat().st_size > 0
-    embedder = train.load_embedder(out)
+    embedder = models.load_embedder(out)
     meta, emb = embed.compute_embeddings(embedder, tone_index, channels=("near",), progress=False)
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     labels = (meta["machine"] + meta["attributes"]).to_numpy()
@@ -122,9 +122,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tone_index, tmp_
 def test_lora_trains_adapters_only(tone_index, tmp_path, backbone):
     cfg = _cfg(backbone=backbone, mode="lora", lora_rank=4, steps=3, name=f"lora_{backbone}")
     torch.manual_seed(0)
-    before = {k: v.clone() for k, v in train.build_embedder(cfg).backbone.state_dict().items()}
+    before = {k: v.clone() for k, v in models.build_embedder(cfg).backbone.state_dict().items()}
     out = train.train(tone_index, cfg, tmp_path, progress=False)
-    model = train.load_embedder(out)
+    model = models.load_embedder(out)
     after = model.backbone.state_dict()
     lora_keys = [k for k in after if "lora_" in k]
     assert lora_keys and all(k in after for k in lora_keys)
@@ -152,13 +152,13 @@ def test_bad_configuration_is_named(tone_index, tmp_path):
     with pytest.raises(ValueError, match="channels"):
         train.TrainConfig.from_dict({"channels": ["left"]})
     with pytest.raises(FileNotFoundError, match="model.pt"):
-        train.load_embedder(tmp_path / "nothing")
+        models.load_embedder(tmp_path / "nothing")
 
 
 @pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
 def test_embedding_cache_is_reused(tone_index, tmp_path):
     torch.manual_seed(0)
-    embedder = train.build_embedder(_cfg())
+    embedder = models.build_embedder(_cfg())
     meta, emb, folder = embed.extract(
         embedder, tone_index, tmp_path, "x", channels=("near", "far"), progress=False
     )
@@ -188,7 +188,7 @@ def test_window_starts_cover_the_clip():
 @pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
 def test_windowed_embedding_is_the_mean_of_its_windows(tone_index, tmp_path):
     torch.manual_seed(0)
-    embedder = train.build_embedder(_cfg()).eval()
+    embedder = models.build_embedder(_cfg()).eval()
     clips = tone_index.iloc[:3].reset_index(drop=True)
     meta, emb = embed.compute_embeddings(
         embedder, clips, channels=("near",), window_seconds=0.5, window_hop=0.25, progress=False
@@ -250,7 +250,7 @@ def test_ddp_two_gloo_processes_follow_the_single_process_trend(tone_index, tmp_
 @pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
 def test_embedding_bad_input_is_named(tone_index, tmp_path):
     torch.manual_seed(0)
-    embedder = train.build_embedder(_cfg())
+    embedder = models.build_embedder(_cfg())
     mono = tone_index.assign(channels=1)
     with pytest.raises(ValueError, match="is mono"):
         embed.compute_embeddings(embedder, mono, channels=("near", "far"), progress=False)
@@ -281,7 +281,7 @@ def test_padding_is_masked_at_extraction_unless_fed_as_input(tone_index):
     invariant); fed as input, the zeros change the embedding. A fixed-length backbone that would cut the
     input warns."""
     torch.manual_seed(0)
-    embedder = train.build_embedder(_cfg(head="mean")).eval()
+    embedder = models.build_embedder(_cfg(head="mean")).eval()
     clips = tone_index.iloc[:2]
     kwargs = dict(channels=("near",), progress=False)
     _, plain = embed.compute_embeddings(embedder, clips, **kwargs)
@@ -290,7 +290,7 @@ def test_padding_is_masked_at_extraction_unless_fed_as_input(tone_index):
     _, as_input = embed.compute_embeddings(embedder, clips, **padded, mask_padding=False, **kwargs)
     np.testing.assert_allclose(masked, plain, atol=1e-5)
     assert np.abs(as_input - plain).max() > 1e-3
-    eat = train.build_embedder(_cfg(backbone="eat", backbone_options={"target_length": 64})).eval()
+    eat = models.build_embedder(_cfg(backbone="eat", backbone_options={"target_length": 64})).eval()
     with pytest.warns(UserWarning, match="at most 0.64 s of input"):
         embed.compute_embeddings(eat, clips, **kwargs)
 
@@ -477,7 +477,7 @@ def test_a_canceller_is_a_channel_like_any_other(tone_index, tmp_path):
     from kit import denoise
 
     out = train.train(tone_index, _cfg(steps=2, channels=("near", "w1")), tmp_path, progress=False)
-    embedder = train.load_embedder(out)
+    embedder = models.load_embedder(out)
     clips = tone_index.iloc[:3]
     meta, emb, folder = embed.extract(embedder, clips, tmp_path, "x", channels=("near", "w1"), progress=False)
     assert meta["channel"].tolist() == ["near"] * 3 + ["w1"] * 3
@@ -545,11 +545,11 @@ def test_lora_targets_choose_the_adapted_modules():
         backbone="beats", mode="lora", lora_rank=2, lora_targets=r"encoder\.layers\.\d+\.self_attn\.v_proj"
     )
     names = {
-        n.rsplit(".lora_", 1)[0] for n, _ in train.build_embedder(cfg).named_parameters() if "lora_A" in n
+        n.rsplit(".lora_", 1)[0] for n, _ in models.build_embedder(cfg).named_parameters() if "lora_A" in n
     }
     assert names and all(name.endswith("self_attn.v_proj") for name in names)
     with pytest.raises(ValueError, match="lora_targets 'nothing' matches no module"):
-        train.build_embedder(_cfg(backbone="beats", mode="lora", lora_targets="nothing"))
+        models.build_embedder(_cfg(backbone="beats", mode="lora", lora_targets="nothing"))
 
 
 def test_a_setting_added_after_a_run_was_saved_counts_as_its_default():
@@ -567,7 +567,7 @@ def test_subcluster_adacos_trains_and_classes_separate(tone_index, tmp_path):
     # the adaptive scale keeps the loss from falling as far as a fixed scale's (as with AdaCos)
     assert history["loss"].iloc[-8:].mean() < 0.75 * history["loss"].iloc[:8].mean()
     meta, emb = embed.compute_embeddings(
-        train.load_embedder(out), tone_index, channels=("near",), progress=False
+        models.load_embedder(out), tone_index, channels=("near",), progress=False
     )
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     labels = (meta["machine"] + meta["attributes"]).to_numpy()
@@ -619,12 +619,55 @@ def test_mixup_prob_mixes_a_share_of_the_batches_and_resumes_exactly(tone_index,
 
 
 def test_extraction_takes_one_settings_object_and_names_a_wrong_field(tone_index, tmp_path):
-    embedder = train.statistics_embedder()
+    embedder = models.statistics_embedder()
     settings = embed.ExtractConfig(channels=("near",), num_workers=0)
     _, by_object = embed.compute_embeddings(embedder, tone_index, settings, progress=False)
-    _, by_field = embed.compute_embeddings(embedder, tone_index, channels=("near",), num_workers=0, progress=False)
+    _, by_field = embed.compute_embeddings(
+        embedder, tone_index, channels=("near",), num_workers=0, progress=False
+    )
     np.testing.assert_array_equal(by_object, by_field)
     with pytest.raises(ValueError, match=r"unknown extraction setting\(s\) \['chanels'\]"):
         embed.extract(embedder, tone_index, tmp_path, "x", settings, chanels=("near",))
     with pytest.raises(TypeError, match="must be a kit.embed.ExtractConfig"):
         embed.compute_embeddings(embedder, tone_index, {"channels": ["near"]})
+
+
+def test_the_model_settings_are_one_object_the_training_config_holds():
+    cfg = _cfg(mode="lora", lora_rank=4, head="asp", embed_dim=32)
+    model = cfg.model
+    assert isinstance(model, models.ModelConfig)
+    assert (model.backbone, model.mode, model.lora_rank, model.head, model.embed_dim) == (
+        "beats",
+        "lora",
+        4,
+        "asp",
+        32,
+    )
+    assert set(models.ModelConfig.fields()) <= set(train.TrainConfig.fields())
+    assert models.ModelConfig.of(cfg.to_dict()) == model
+
+
+@pytest.mark.filterwarnings("ignore:.*NO PRETRAINED")
+def test_a_moved_model_folder_names_the_checkpoint_it_needs(tone_index, tmp_path, backbone_fixtures):
+    """A LoRA model folder holds the adapters, not the frozen BEATs weights: moved without the release
+    file it says which file and why; given that file elsewhere it loads the same model; given another
+    file it refuses it."""
+    release = tmp_path / "release" / "beats_release.pt"
+    release.parent.mkdir()
+    shutil.copy(backbone_fixtures / "beats_release.pt", release)
+    cfg = _cfg(backbone_config=None, checkpoint=str(release), mode="lora", lora_rank=2, steps=2, name="moved")
+    out = train.train(tone_index, cfg, tmp_path / "run", progress=False)
+    waves, lengths = torch.randn(1, SR) * 0.1, torch.tensor([SR])
+    with torch.no_grad():
+        expected = models.load_embedder(out)(waves, lengths)
+    elsewhere = shutil.copytree(out, tmp_path / "other_machine" / "moved")
+    moved = release.rename(tmp_path / "kept.pt")  # the release file is gone from where it was
+    with pytest.raises(
+        backbones.CheckpointNotFoundError, match=r"beats_release\.pt \(sha1 [0-9a-f]{40}\), which is not here"
+    ):
+        models.load_embedder(elsewhere)
+    with torch.no_grad():
+        again = models.load_embedder(elsewhere, checkpoint=moved)(waves, lengths)
+    torch.testing.assert_close(again, expected)
+    with pytest.raises(ValueError, match="is not the checkpoint"):
+        models.load_embedder(elsewhere, checkpoint=backbone_fixtures / "beats_variant.pt")

@@ -140,7 +140,7 @@ _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json", ".yaml", ".zip")
 
 
-def _looks_like_a_path(text: str) -> bool:
+def looks_like_a_path(text: str) -> bool:
     """A spec that can only mean a local file: it starts like a path, has a checkpoint file
     extension, has more than one folder level, or its first folder exists here."""
     if text.startswith((".", "/", "~")) or "\\" in text or text.lower().endswith(_CHECKPOINT_SUFFIXES):
@@ -165,7 +165,7 @@ def resolve_checkpoint(spec: str | os.PathLike, cache_dir: str | os.PathLike | N
             return fetch(text, target)
         except OSError as err:
             raise CheckpointError(f"cannot download checkpoint {text} (offline?): {err}") from err
-    if _looks_like_a_path(text):
+    if looks_like_a_path(text):
         raise CheckpointNotFoundError(
             f"checkpoint file not found: {local} (resolved from {Path.cwd()}); a Hugging Face repo id "
             "has the form owner/name without a file extension"

@@ -351,7 +351,7 @@ def filter_state(raw: object) -> tuple[CnnConfig, dict]:
         if config["backbone"] != "cnn":
             raise CheckpointError(
                 f"a kit.train model of backbone {config['backbone']!r}, not cnn "
-                f"(load it with kit.train.load_embedder)"
+                f"(load it with kit.models.load_embedder)"
             )
         try:
             cnn_config = _config(

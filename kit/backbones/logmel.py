@@ -4,7 +4,7 @@
 is learnt: with the parameter-free ``"stats"`` head (:class:`kit.heads.StatsPool`, mean and standard
 deviation of every band over the valid frames) it gives the classic per-clip log-mel statistics
 detector, run through the same embedding path (``kit.embed.extract``) and scoring backends as the
-trained branches. ``kit.train.statistics_embedder`` builds that embedder.
+trained branches. ``kit.models.statistics_embedder`` builds that embedder.
 
 Front-end, per clip at 16 kHz: power STFT (periodic Hann window, ``center=False``), an HTK mel
 filterbank without area normalisation (torchaudio's ``MelSpectrogram`` defaults), ``10 log10(x +

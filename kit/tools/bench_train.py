@@ -37,7 +37,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from kit import data, pipeline, train
+from kit import data, models, pipeline, train
 from kit import precision as precision_policy
 
 DEFAULT_RECIPES = (
@@ -213,7 +213,7 @@ def measure_training(training: dict, args, data_root: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="kit-bench-train-") as run_dir:
         out = train.train(index, cfg, run_dir, progress=False)
         history = pd.read_csv(out / "history.csv")
-        embedder = train.load_embedder(out)
+        embedder = models.load_embedder(out)
     seconds = history["seconds"].to_numpy()
     timed = seconds[1:] if len(seconds) > 1 else seconds
     step_s = statistics.mean(timed)
@@ -221,13 +221,13 @@ def measure_training(training: dict, args, data_root: Path) -> dict:
     checkpointing = precision_policy.use_gradient_checkpointing(
         cfg.gradient_checkpointing,
         prec.facts,
-        parameters=train.count_parameters(embedder.backbone),
+        parameters=models.count_parameters(embedder.backbone),
         crop_seconds=cfg.crop_seconds,
     )
     return {
         "backbone": cfg.backbone,
         "config": cfg.backbone_config,
-        "params_m": train.count_parameters(embedder.backbone) / 1e6,
+        "params_m": models.count_parameters(embedder.backbone) / 1e6,
         "mode": cfg.mode if cfg.mode != "lora" else f"lora r{cfg.lora_rank}",
         "batch": clips_per_step,
         "crop": f"{cfg.crop_seconds:g} s {cfg.length_mode}",
