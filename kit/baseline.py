@@ -96,10 +96,10 @@ def stack_frames(log_mel: torch.Tensor, n_frames: int = N_FRAMES) -> torch.Tenso
     return windows.transpose(1, 2).reshape(-1, n_mels * n_frames)
 
 
-def _clip_log_mel(path, front_end: LogMel, channel: str = "near") -> torch.Tensor:
+def _clip_log_mel(path, features: LogMel, channel: str = "near") -> torch.Tensor:
     wave, _ = data.read_clip(path, channel, data.LengthPolicy(), sample_rate=SAMPLE_RATE)
     wave = torch.from_numpy(np.ascontiguousarray(wave))
-    log_mel = front_end(wave)
+    log_mel = features(wave)
     if log_mel.shape[1] < N_FRAMES:
         raise ValueError(
             f"{path} is too short: {log_mel.shape[1]} frames, the baseline needs at least {N_FRAMES}"
@@ -303,9 +303,9 @@ def train_baseline(
 def _training_frames(clips: pd.DataFrame, channel: str, device, progress: bool, machine: str):
     """Every training clip's log-mel frames in one tensor, and per clip the frame positions that
     start a full 5-frame vector."""
-    front_end = LogMel()
+    features = LogMel()
     log_mels = [
-        _clip_log_mel(path, front_end, channel).T
+        _clip_log_mel(path, features, channel).T
         for path in tqdm(clips["path"], desc=f"baseline features {machine}", disable=not progress)
     ]
     lengths = torch.tensor([len(m) for m in log_mels])
@@ -472,11 +472,11 @@ def _score_clips(
     model, precisions, _ = load_baseline(model_path(run_dir, machine, channel), device)
     clips = _machine_clips(index_df, machine, ("train", "test") if include_train else ("test",))
     device = next(model.parameters()).device
-    front_end = LogMel()
+    features = LogMel()
     errors, mean_residuals = [], []
     with torch.no_grad():
         for path in tqdm(clips["path"], desc=f"baseline score {machine}", disable=not progress):
-            x = stack_frames(_clip_log_mel(path, front_end, channel)).to(device)
+            x = stack_frames(_clip_log_mel(path, features, channel)).to(device)
             residual = x - model(x)
             errors.append(float((residual**2).mean()))
             mean_residuals.append(residual.reshape(-1, N_MELS).mean(dim=0).cpu().numpy())

@@ -500,7 +500,7 @@ def derive_channel(pair: np.ndarray, channel: str, settings: dict | None = None)
     return denoise.cancel_numpy(pair, check_channel(channel), **((settings or {}).get(channel) or {}))
 
 
-def front_end_key(channels, settings: dict | None = None) -> list[str]:
+def canceller_key(channels, settings: dict | None = None) -> list[str]:
     """The cancellers among ``channels`` with every setting (for cache keys); [] for microphones only."""
     return [denoise.settings_key(c, (settings or {}).get(c)) for c in channels if c in denoise.CANCELLERS]
 
@@ -512,7 +512,7 @@ AUDIO_CHANNELS = ("near", "far", "both")
 
 
 @contextlib.contextmanager
-def _open_clip(path: Path, channel: str, front_end: str | None = None):
+def _open_clip(path: Path, channel: str, canceller: str | None = None):
     """The clip's open ``SoundFile`` once it is known to be readable, to hold samples, to be mono or
     stereo and to have ``channel``. Only the header is read here."""
     if channel not in AUDIO_CHANNELS:
@@ -529,10 +529,10 @@ def _open_clip(path: Path, channel: str, front_end: str | None = None):
         if handle.channels > 2:
             raise DatasetError(f"{path} has {handle.channels} channels: expected mono or stereo (near, far)")
         if channel != "near" and handle.channels == 1:
-            asked = front_end or channel
+            asked = canceller or channel
             raise DatasetError(
                 f"mono clip {path} has no far channel (channel={asked!r} needs a stereo near/far clip"
-                + (": a canceller uses the far microphone as its noise reference)" if front_end else ")")
+                + (": a canceller uses the far microphone as its noise reference)" if canceller else ")")
             )
         yield handle
 
@@ -564,7 +564,7 @@ def load_audio(
     *,
     start: int = 0,
     frames: int | None = None,
-    front_end: str | None = None,
+    canceller: str | None = None,
 ) -> np.ndarray:
     """Read one clip as float32: ``near`` (channel 0) or ``far`` (channel 1) as [T], ``both`` as [2, T].
 
@@ -584,7 +584,7 @@ def load_audio(
     if frames is not None and (int(frames) != frames or frames <= 0):
         raise ValueError(f"frames must be a positive sample count or None, got {frames!r}")
     start = int(start)
-    with _open_clip(path, channel, front_end) as handle:
+    with _open_clip(path, channel, canceller) as handle:
         file_rate = handle.samplerate
         if sample_rate is not None and file_rate != sample_rate:
             wave = _resample(_read_frames(handle, path, channel, 0, -1), file_rate, sample_rate)
@@ -736,12 +736,12 @@ def read_clip(
     rng: np.random.Generator | None = None,
     *,
     sample_rate: int | None = SAMPLE_RATE,
-    front_end_settings: dict | None = None,
+    canceller_settings: dict | None = None,
 ) -> tuple[np.ndarray, int]:
     """One clip brought to length, reading from disk only the window that is kept.
 
     ``channel`` may be a canceller (``w1``, ...): the stereo clip is then read whole, cancelled with
-    ``front_end_settings[channel]`` and cut.
+    ``canceller_settings[channel]`` and cut.
 
     Returns ``(wave, valid)`` equal to ``length.apply_with_length(load_audio(path, channel,
     sample_rate), rng)``: the same window for the same ``rng`` (the start is drawn from the clip's
@@ -759,8 +759,8 @@ def read_clip(
         )
     if channel in denoise.CANCELLERS:
         # A canceller fits its gains on the whole clip (as published), then the window is kept.
-        pair = load_audio(path, "both", sample_rate, front_end=channel)
-        return length.apply_with_length(derive_channel(pair, channel, front_end_settings), rng)
+        pair = load_audio(path, "both", sample_rate, canceller=channel)
+        return length.apply_with_length(derive_channel(pair, channel, canceller_settings), rng)
     with _open_clip(path, channel) as handle:
         if length.mode == "none" or (sample_rate is not None and handle.samplerate != sample_rate):
             whole = _read_frames(handle, path, channel, 0, -1)

@@ -42,7 +42,8 @@ POOLINGS = ("head",) + heads.BAND_POOLINGS
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """How notebooks 02-04 embed every clip (their ``extract`` mapping, through ``from_dict``).
+    """How the branch notebooks (02-08) embed every clip (their ``extraction`` mapping, through
+    ``from_dict`` / ``for_index``).
 
     ``length_mode``/``seconds``: the clip as recorded (``"none"``, the default: the backbones are
     batch invariant), or zero-padded/cut to ``seconds`` (``"pad_or_cut"``, EAT-ASP's 16 s) or a fixed
@@ -54,7 +55,7 @@ class ExtractConfig:
     ``[N, F, D]``, RDP with ``rdp_gamma``; see :func:`kit.heads.rdp_pool`)."""
 
     channels: tuple[str, ...] = ("near", "far")  # microphones and cancellers (w1, ss, ...: kit.denoise)
-    front_end_settings: dict = dataclasses.field(default_factory=dict)  # canceller name -> settings
+    canceller_settings: dict = dataclasses.field(default_factory=dict)  # canceller name -> settings
     mono_fallback: bool = False  # on mono data, leave out channels that need the far microphone
     length_mode: str = "none"
     seconds: float | None = None
@@ -128,7 +129,7 @@ def data_fingerprint(
     length: data.LengthPolicy,
     window: tuple | None = None,
     mask_padding: bool = True,
-    front_end_settings: dict | None = None,
+    canceller_settings: dict | None = None,
 ) -> str:
     digest = hashlib.sha1()
     for path in index["path"]:
@@ -137,7 +138,7 @@ def data_fingerprint(
     described = [list(channels), length.mode, length.seconds] + ([list(window)] if window else [])
     if not mask_padding:  # only then, so caches written before this setting existed stay valid
         described.append("padding-as-input")
-    described += data.front_end_key(channels, front_end_settings)  # cancellers and their settings
+    described += data.canceller_key(channels, canceller_settings)  # cancellers and their settings
     digest.update(json.dumps(described).encode())
     return digest.hexdigest()
 
@@ -276,11 +277,11 @@ class _DecodedBatches(torch.utils.data.Dataset):
     keeps is decoded; with a canceller channel the whole stereo clip is read, cancelled, then cut."""
 
     def __init__(
-        self, paths, batches, channels, length, mask_padding: bool, front_end_settings=None, reference=False
+        self, paths, batches, channels, length, mask_padding: bool, canceller_settings=None, reference=False
     ):
         self.paths, self.batches, self.channels = list(paths), batches, tuple(channels)
         self.length, self.mask_padding = length, mask_padding
-        self.front_end_settings = front_end_settings or {}
+        self.canceller_settings = canceller_settings or {}
         self.reference = reference  # also the far channel, as every channel's noise reference
         self.stereo = reference or any(data.needs_stereo(c) for c in self.channels)
         self.derived = any(c not in data.CHANNEL_INDEX for c in self.channels)
@@ -292,10 +293,10 @@ class _DecodedBatches(torch.utils.data.Dataset):
     def _fitted(self, path: str) -> dict[str, tuple[np.ndarray, int]]:
         if self.derived:
             pair = data.load_audio(
-                path, "both", front_end=next(c for c in self.channels if c not in data.CHANNEL_INDEX)
+                path, "both", canceller=next(c for c in self.channels if c not in data.CHANNEL_INDEX)
             )
             return {
-                c: self.length.apply_with_length(data.derive_channel(pair, c, self.front_end_settings))
+                c: self.length.apply_with_length(data.derive_channel(pair, c, self.canceller_settings))
                 for c in self.decoded
             }
         wave, valid = data.read_clip(path, "both" if self.stereo else "near", self.length)
@@ -420,7 +421,7 @@ def compute_embeddings(
             channels,
             length,
             settings.mask_padding,
-            settings.front_end_settings,
+            settings.canceller_settings,
             takes_reference,
         ),
         batch_size=None,
@@ -475,7 +476,7 @@ def extract(
         settings.length_policy(),
         window,
         settings.mask_padding,
-        settings.front_end_settings,
+        settings.canceller_settings,
     )
     if settings.precision not in (
         "auto",

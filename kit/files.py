@@ -56,12 +56,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-# A dataset written by a tool (kit.synth, kit.mix) carries a JSON manifest of the parameters it was
-# made with and whether it is complete: a second run with the same parameters resumes or returns.
-def read_dataset_manifest(root: Path, name: str, tool: str, folders) -> dict | None:
-    """The manifest ``root/name`` of a dataset written by ``tool``; None when there is none yet. A
-    root that already holds one of ``folders`` without the manifest is someone else's dataset."""
+# A dataset written by a tool (kit.synth, kit.mix) carries a JSON record of the parameters it was made
+# with and whether it is complete: a second run with the same parameters resumes or returns at once.
+def read_dataset_record(root: Path, name: str, tool: str, folders, legacy: str | None = None) -> dict | None:
+    """The record ``root/name`` of a dataset written by ``tool`` (or its earlier name ``legacy``); None
+    when there is none yet. A root that already holds one of ``folders`` without it is someone else's."""
     path = root / name
+    if not path.exists() and legacy and (root / legacy).exists():
+        path = root / legacy  # written before the record had its present name
     if not path.exists():
         if any((root / folder).exists() for folder in folders):
             raise FileExistsError(
@@ -74,20 +76,22 @@ def read_dataset_manifest(root: Path, name: str, tool: str, folders) -> dict | N
         raise ValueError(f"{path} is not valid JSON ({error}); delete {root} and run {tool} again") from error
 
 
-def start_dataset(root: Path, name: str, tool: str, folders, parameters: dict) -> dict | None:
-    """Begin (or resume) writing a ``tool`` dataset under ``root``: the finished manifest when a
-    complete dataset with these ``parameters`` is there (nothing to do), else None after marking the
-    dataset incomplete with these parameters. Other parameters in ``root`` are an error."""
-    manifest = read_dataset_manifest(root, name, tool, folders)
-    if manifest is not None:
-        found = {key: manifest.get(key) for key in parameters}
+def start_dataset(
+    root: Path, name: str, tool: str, folders, parameters: dict, legacy: str | None = None
+) -> dict | None:
+    """Begin (or resume) writing a ``tool`` dataset under ``root``: its finished record when a complete
+    dataset with these ``parameters`` is there (nothing to do), else None after marking the dataset
+    incomplete with these parameters. Other parameters in ``root`` are an error."""
+    record = read_dataset_record(root, name, tool, folders, legacy)
+    if record is not None:
+        found = {key: record.get(key) for key in parameters}
         if found != parameters:
             changed = sorted(key for key in parameters if found[key] != parameters[key])
             raise FileExistsError(
                 f"{root} holds a {tool} dataset made with other parameters ({', '.join(changed)} differ; see "
                 f"{root / name}); delete it or choose another root"
             )
-        if manifest.get("complete"):
-            return manifest
+        if record.get("complete"):
+            return record
     write_text_atomic(root / name, json.dumps({**parameters, "complete": False}, indent=2) + "\n")
     return None

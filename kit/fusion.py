@@ -1,30 +1,30 @@
-"""Score normalisation, fusion of several scoring branches, and the fusion-weight search.
+"""Score normalisation, fusion of several systems, and the fusion-weight search.
 
-A branch is one scores DataFrame (``kit.scoring.SCORE_COLUMNS``: one system's scores for every
-clip). Branches live on different scales (cosine distances, Mahalanobis distances, reconstruction
+A system is one scores DataFrame (``kit.scoring.SCORE_COLUMNS``: one set of scores for every clip,
+as a DCASE submission has). Systems live on different scales (cosine distances, Mahalanobis distances, reconstruction
 errors), so before they are added each is standardised per (dataset, machine, section, channel):
 
-* ``by="train"``: with the mean and standard deviation of that branch's scores on the normal
+* ``by="train"``: with the mean and standard deviation of that system's scores on the normal
   training clips (scored leave-one-out by ``kit.scoring``): a z-score against the normal bank.
 * ``by="test"``: with the statistics of the test clips themselves; needs no labels and no training
   scores, but moves with the test set's anomaly share.
 
-The fused score of a clip is a weighted mean of its normalised branch scores. Rules that need no
-labels: ``mean``, ``max``, and ``agreement``, which weights each branch per (dataset, machine,
-section) by how much it agrees with the others on that section's test clips (below): a branch that
-ranks the clips at random agrees with nobody and gets about no weight, so a weak branch no longer drags
+The fused score of a clip is a weighted mean of its normalised system scores. Rules that need no
+labels: ``mean``, ``max``, and ``agreement``, which weights each system per (dataset, machine,
+section) by how much it agrees with the others on that section's test clips (below): a system that
+ranks the clips at random agrees with nobody and gets about no weight, so a weak system no longer drags
 the mean. ``search_weights`` picks the non-negative weights by Bayesian optimisation (package
 ``bayesian-optimization``) to maximise the official score (``kit.metrics``) on the development test
 clips: fitted on labels.
 
 The ``agreement`` weights are the spectral meta-learner of Parisi, Strino, Nadler and Kluger
-("Ranking and combining multiple predictors without labeled data", PNAS 2014). If branches err
-independently given the (unknown) label, the covariance between two branches' ranks of the test clips
-is ``v_i v_j`` off the diagonal, with ``v_i`` proportional to how well branch i separates normal from
+("Ranking and combining multiple predictors without labeled data", PNAS 2014). If systems err
+independently given the (unknown) label, the covariance between two systems' ranks of the test clips
+is ``v_i v_j`` off the diagonal, with ``v_i`` proportional to how well system i separates normal from
 anomalous clips (its balanced accuracy or AUC minus a half). So the leading eigenvector of that
-covariance, with its diagonal fitted to the rank-one model, estimates every branch's quality without a
-label; its positive part, normalised, weights the branches' training-standardised scores. With fewer
-than three branches the model cannot be identified and the rule is the mean.
+covariance, with its diagonal fitted to the rank-one model, estimates every system's quality without a
+label; its positive part, normalised, weights the systems' training-standardised scores. With fewer
+than three systems the model cannot be identified and the rule is the mean.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _check_scores(scores: pd.DataFrame, name: str) -> None:
 
 
 def normalise(scores: pd.DataFrame, by: str = "train") -> pd.DataFrame:
-    """Standardise scores per (dataset, machine, section, channel [, branch]) group.
+    """Standardise scores per (dataset, machine, section, channel [, system]) group.
 
     ``by="train"``: subtract the mean and divide by the standard deviation of the group's normal
     training-clip scores (score with ``include_train=True``). ``by="test"``: use the group's test
@@ -83,7 +83,7 @@ def normalise(scores: pd.DataFrame, by: str = "train") -> pd.DataFrame:
     if by not in NORMALISE_BY:
         raise ValueError(f"normalise by must be one of {NORMALISE_BY}, got {by!r}")
     _check_scores(scores, "scores")
-    group_columns = ["dataset", "machine", "section", "channel"] + (["branch"] if "branch" in scores else [])
+    group_columns = ["dataset", "machine", "section", "channel"] + (["system"] if "system" in scores else [])
     if by == "train":
         is_reference = (scores["split"] == "train") & (scores["label"] == "normal")
     else:
@@ -112,16 +112,15 @@ def normalise(scores: pd.DataFrame, by: str = "train") -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # Alignment and fusion
 # --------------------------------------------------------------------------------------------------
-def _aligned(branch_scores: Mapping[str, pd.DataFrame], normalise_by: str | None):
-    """``(clips, matrix [clips, branches], names)``: the branches' (normalised) scores side by side."""
-    if not isinstance(branch_scores, Mapping) or not branch_scores:
-        raise ValueError("branch_scores must be a non-empty dict of name -> scores DataFrame")
-    names = list(branch_scores)
+def _aligned(systems: Mapping[str, pd.DataFrame], normalise_by: str | None):
+    """``(clips, matrix [clips, systems], names)``: the systems' (normalised) scores side by side."""
+    if not isinstance(systems, Mapping) or not systems:
+        raise ValueError("systems must be a non-empty dict of name -> scores DataFrame")
+    names = list(systems)
     for name in names:
-        _check_scores(branch_scores[name], f"branch {name!r}")
+        _check_scores(systems[name], f"system {name!r}")
     prepared = {
-        name: normalise(frame, normalise_by) if normalise_by else frame
-        for name, frame in branch_scores.items()
+        name: normalise(frame, normalise_by) if normalise_by else frame for name, frame in systems.items()
     }
     first = prepared[names[0]].reset_index(drop=True)
     keys = pd.MultiIndex.from_frame(first[CLIP_KEY])
@@ -132,14 +131,14 @@ def _aligned(branch_scores: Mapping[str, pd.DataFrame], normalise_by: str | None
         if len(missing) or len(extra):
             example = list(missing[0]) if len(missing) else list(extra[0])
             raise ValueError(
-                f"branches {names[0]!r} and {name!r} do not cover the same clips: {len(missing)} clips of "
+                f"systems {names[0]!r} and {name!r} do not cover the same clips: {len(missing)} clips of "
                 f"{names[0]!r} missing from {name!r} and {len(extra)} extra (e.g. {example})"
             )
         aligned = indexed.reindex(keys)
         disagree = aligned["label"].to_numpy() != first["label"].to_numpy()
         if disagree.any():
             raise ValueError(
-                f"branches {names[0]!r} and {name!r} disagree on the label of {list(keys[disagree][0])}"
+                f"systems {names[0]!r} and {name!r} disagree on the label of {list(keys[disagree][0])}"
             )
         same_channel &= bool((aligned["channel"].to_numpy() == first["channel"].to_numpy()).all())
         columns.append(aligned["score"].to_numpy(dtype=float))
@@ -153,7 +152,7 @@ def _weight_vector(weights: Mapping[str, float], names: list[str]) -> np.ndarray
     unknown, absent = sorted(set(weights) - set(names)), [n for n in names if n not in weights]
     if unknown or absent:
         raise ValueError(
-            f"weights must name exactly the branches {names}; unknown {unknown}, missing {absent}"
+            f"weights must name exactly the systems {names}; unknown {unknown}, missing {absent}"
         )
     vector = np.array([float(weights[n]) for n in names])
     if not np.isfinite(vector).all() or (vector < 0).any():
@@ -184,9 +183,9 @@ def _rank_one(cov: np.ndarray, iterations: int = 100) -> np.ndarray:
 
 def agreement_weights(clips: pd.DataFrame, matrix: np.ndarray) -> pd.DataFrame:
     """The ``agreement`` rule's weights: one row per (dataset, machine, section) with a weight per
-    branch column of ``matrix`` (``w0``, ``w1``, ...), from that section's test clips alone (no
-    label is read). Equal weights where fewer than three branches or fewer than four test clips give
-    nothing to fit, or where no branch agrees with the others."""
+    system column of ``matrix`` (``w0``, ``w1``, ...), from that section's test clips alone (no
+    label is read). Equal weights where fewer than three systems or fewer than four test clips give
+    nothing to fit, or where no system agrees with the others."""
     k = matrix.shape[1]
     rows = []
     for key, group in clips.groupby(AGREEMENT_GROUP, sort=False):
@@ -202,21 +201,21 @@ def agreement_weights(clips: pd.DataFrame, matrix: np.ndarray) -> pd.DataFrame:
 
 
 def fuse(
-    branch_scores: Mapping[str, pd.DataFrame],
+    systems: Mapping[str, pd.DataFrame],
     weights: Mapping[str, float] | str = "mean",
     normalise_by: str | None = "train",
 ) -> pd.DataFrame:
-    """Fuse branches clip by clip into one scores DataFrame (same columns).
+    """Fuse systems clip by clip into one scores DataFrame (same columns).
 
-    Each branch is first normalised (``normalise(..., by=normalise_by)``; ``None`` when the branches
+    Each system is first normalised (``normalise(..., by=normalise_by)``; ``None`` when the systems
     are normalised already). ``weights``: a dict name -> non-negative weight (a weighted mean: the
-    weights are divided by their sum, so weight 1 on one branch returns that branch), or a
+    weights are divided by their sum, so weight 1 on one system returns that system), or a
     label-free rule, ``"mean"``, ``"max"`` (elementwise maximum) or ``"agreement"`` (a weighted mean
     with ``agreement_weights`` per section, see the module docstring). Clips are matched by (dataset,
-    machine, section, split, file_name); branches must cover the same clips. The ``channel`` column
-    is kept when every branch has the same, else it reads ``"fused"``.
+    machine, section, split, file_name); systems must cover the same clips. The ``channel`` column
+    is kept when every system has the same, else it reads ``"fused"``.
     """
-    clips, matrix, names = _aligned(branch_scores, normalise_by)
+    clips, matrix, names = _aligned(systems, normalise_by)
     if isinstance(weights, str):
         if weights not in LABEL_FREE_RULES:
             raise ValueError(f"weights must be a dict or one of {LABEL_FREE_RULES}, got {weights!r}")
@@ -311,7 +310,7 @@ def _development_test_rows(clips: pd.DataFrame) -> np.ndarray:
 
 
 def search_weights(
-    branch_scores: Mapping[str, pd.DataFrame],
+    systems: Mapping[str, pd.DataFrame],
     n_iter: int = 40,
     init_points: int = 10,
     seed: int = 0,
@@ -321,8 +320,8 @@ def search_weights(
 ) -> tuple[dict[str, float], float, pd.DataFrame]:
     """Bayesian optimisation of the fusion weights on the development test clips.
 
-    Each weight ranges over [0, 1]. The search first evaluates every branch alone and the equal mix
-    (so the result is never worse on the objective than the best single branch or the plain mean),
+    Each weight ranges over [0, 1]. The search first evaluates every system alone and the equal mix
+    (so the result is never worse on the objective than the best single system or the plain mean),
     then ``init_points`` random weight vectors (seeded), then ``n_iter`` points proposed by the
     Gaussian-process optimiser. ``objective(fused_scores) -> float`` is maximised over the fused
     scores of the labelled development test clips; default: the official score.
@@ -334,14 +333,14 @@ def search_weights(
     for name, value in (("n_iter", n_iter), ("init_points", init_points)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    clashing = sorted({"step", "phase", "objective"} & set(branch_scores))
+    clashing = sorted({"step", "phase", "objective"} & set(systems))
     if clashing:
-        raise ValueError(f"branch names {clashing} clash with the search history's columns; rename them")
-    clips, matrix, names = _aligned(branch_scores, normalise_by)
+        raise ValueError(f"system names {clashing} clash with the search history's columns; rename them")
+    clips, matrix, names = _aligned(systems, normalise_by)
     rows = _development_test_rows(clips)
     evaluated_clips, evaluated = clips[rows].reset_index(drop=True), matrix[rows]
     official = _official_score_of_vectors(evaluated_clips) if objective is None else None
-    parameter = {name: f"w{i}" for i, name in enumerate(names)}  # optimiser-safe keys, any branch names
+    parameter = {name: f"w{i}" for i, name in enumerate(names)}  # optimiser-safe keys, any system names
     history: list[dict] = []
 
     def evaluate(raw: Mapping[str, float], phase: str) -> float:
@@ -388,11 +387,11 @@ def search_weights(
 # --------------------------------------------------------------------------------------------------
 def _validated_weights(weights, source: str) -> dict[str, float]:
     if not isinstance(weights, Mapping) or not weights:
-        raise ValueError(f"{source}: fusion weights must be a non-empty mapping of branch name -> weight")
+        raise ValueError(f"{source}: fusion weights must be a non-empty mapping of system name -> weight")
     clean = {}
     for name, value in weights.items():
         if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{source}: weight {name!r}: {value!r} is not a branch name with a number")
+            raise ValueError(f"{source}: weight {name!r}: {value!r} is not a system name with a number")
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{source}: weight of {name!r} must be finite and non-negative, got {value}")
         clean[name] = float(value)
@@ -420,7 +419,7 @@ def save_weights(weights: Mapping[str, float], path: str | os.PathLike) -> Path:
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, float]:
-    """Read fusion weights written by ``save_weights`` (or by hand): branch name -> weight."""
+    """Read fusion weights written by ``save_weights`` (or by hand): system name -> weight."""
     path = Path(path)
     kind = _format(path)
     if not path.is_file():
@@ -449,7 +448,7 @@ def _half_folds(clips: pd.DataFrame, rows: np.ndarray, seed: int) -> np.ndarray:
 
 
 def held_out_fusion(
-    branch_scores: Mapping[str, pd.DataFrame],
+    systems: Mapping[str, pd.DataFrame],
     *,
     folds: str = "auto",
     n_iter: int = 40,
@@ -467,7 +466,7 @@ def held_out_fusion(
     Returns the fused scores (same rows as ``fuse``) and the weights of each fold. The official score of
     these scores estimates the searched fusion's score on new data; the score of ``search_weights``
     itself is fitted on the labels it is measured on."""
-    clips, _, names = _aligned(branch_scores, None)
+    clips, _, names = _aligned(systems, None)
     rows = _development_test_rows(clips)
     machines = sorted(clips.loc[rows, "machine"].unique())
     if folds == "auto":
@@ -488,7 +487,7 @@ def held_out_fusion(
         fold_of[(clips["split"] == "train").to_numpy() & (clips["dataset"] == "dev").to_numpy()] = 0
     else:
         raise ValueError(f"folds must be 'auto', 'machine' or 'half', got {folds!r}")
-    fused = fuse(branch_scores, "mean", normalise_by=normalise_by).reset_index(drop=True)
+    fused = fuse(systems, "mean", normalise_by=normalise_by).reset_index(drop=True)
     key = pd.MultiIndex.from_frame(clips[CLIP_KEY])
     weights_per_fold = []
     for fold in sorted(set(fold_of[rows].tolist())):
@@ -499,7 +498,7 @@ def held_out_fusion(
             )
         fit = {
             name: frame[~pd.MultiIndex.from_frame(frame[CLIP_KEY]).isin(held)]
-            for name, frame in branch_scores.items()
+            for name, frame in systems.items()
         }
         weights, _, _ = search_weights(
             fit,
@@ -510,7 +509,7 @@ def held_out_fusion(
             progress=progress,
         )
         weights_per_fold.append(weights)
-        scored = fuse(branch_scores, weights, normalise_by=normalise_by).set_index(CLIP_KEY)["score"]
+        scored = fuse(systems, weights, normalise_by=normalise_by).set_index(CLIP_KEY)["score"]
         in_fold = fold_of == fold
         fused.loc[in_fold, "score"] = scored.reindex(key[in_fold]).to_numpy()
     return fused, weights_per_fold
@@ -540,10 +539,10 @@ def fuse_systems(
     ``fusion-mean`` is added, so a fitted or weighted fusion is always read against the plain mean; with
     ``"bayes"`` and ``heldout_estimate``, ``fusion-heldout`` too (every clip fused with weights searched
     without its labels), left out with a note when the clips are too few to split. ``record`` holds
-    the rule, the branches, the weights (Bayesian: one dict; agreement: one per section) and notes."""
+    the rule, the systems, the weights (Bayesian: one dict; agreement: one per section) and notes."""
     if rule not in FUSION_RULES:
         raise ValueError(f"unknown fusion rule {rule!r}: expected one of {FUSION_RULES}")
-    record = {"rule": rule, "branches": list(to_fuse), "normalisation": normalise_by, "weights": None}
+    record = {"rule": rule, "systems": list(to_fuse), "normalisation": normalise_by, "weights": None}
     systems = {}
     if rule == "bayes":
         weights, best, _ = search_weights(

@@ -16,7 +16,7 @@ Layout (every section optional until its stage has run)::
       beats: {backbone: beats, model_dir: beats, embeddings: embeddings/beats-0123abcd4567,
               parameters: 90345216, train: {...TrainConfig...}, extract: {...ExtractConfig...}}
     scores: {folder: scores, systems: [beats-knn-near, ...], settings: {knn_k: 1, ...}}
-    fusion: {rule: bayes, branches: [...], weights: {...}, normalisation: train}
+    fusion: {rule: bayes, systems: [...], weights: {...}, normalisation: train}
     dev_scores: {folder: dev_scores, systems: [...]}
     submission: {zip: /abs/submissions/x.zip, systems: {Label_task2_1: fusion}} or {skipped: reason}
 """
@@ -127,7 +127,7 @@ def system_resources(run_dir: str | os.PathLike, system: str) -> tuple[int, int 
     baseline counts its models (one per machine type). None where the run did not record a count."""
     content = read(run_dir)
     if system.startswith("fusion"):
-        fused = (content.get("fusion") or {}).get("branches")
+        fused = (content.get("fusion") or {}).get("systems")
         if not fused:
             raise KeyError(f"{path(run_dir)} records no fusion: run notebook 10's fusion step first")
         counts = [_parameters(content, model) for model in {_model_of(content, name) for name in fused}]

@@ -25,10 +25,10 @@ table). Clips and noise recordings at other sample rates are resampled to 16 kHz
 recordings with several channels are averaged to mono. Every clip draws from its own RNG, seeded by
 (seed, its relative path), so the output does not depend on the order of the work; each file is written
 atomically and a finished file is skipped, so an interrupted run resumes. Also written:
-``mix_manifest.json`` (the parameters; a second call with the same ones returns at once, other ones are
+``mix_dataset.json`` (the parameters; a second call with the same ones returns at once, other ones are
 refused) and ``mix_clips.csv`` (per clip: the drawn levels, the noise segments used, the output gain).
 The paths and rooms are drawn as ``kit.synth`` draws them, with the same defaults. ``kit.tools.synth_check``
-reads the manifest to score the ``clean`` channel (the mono clip times its output gain) beside the near,
+reads the record to score the ``clean`` channel (the mono clip times its output gain) beside the near,
 far and cancelled channels.
 """
 
@@ -54,11 +54,12 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from kit import synth
-from kit.files import atomic_path, read_dataset_manifest, start_dataset, write_text_atomic
+from kit.files import atomic_path, read_dataset_record, start_dataset, write_text_atomic
 
 SAMPLE_RATE = 16_000
 MIXER_VERSION = 1
-MANIFEST_NAME = "mix_manifest.json"
+RECORD_NAME = "mix_dataset.json"
+LEGACY_RECORD_NAME = "mix_manifest.json"  # its name before kit 2026-12
 CLIPS_CSV_NAME = "mix_clips.csv"
 DATASETS = ("dev", "eval")
 _FOLDERS = [f"{dataset}_data" for dataset in DATASETS]  # what a dataset root holds
@@ -383,7 +384,7 @@ def mix_dataset(
     settings: MixSettings | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write the stereo dataset under ``out_root`` and return its manifest (see the module docstring)."""
+    """Write the stereo dataset under ``out_root`` and return its record (see the module docstring)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     settings = MixSettings() if settings is None else settings
@@ -395,7 +396,7 @@ def mix_dataset(
     clips = find_mono_clips(mono_root)
     noise = find_noise_files(noise_dir)
     parameters = _parameters(mono_root, noise_dir, noise, settings, int(seed))
-    finished = start_dataset(out_root, MANIFEST_NAME, "kit.mix", _FOLDERS, parameters)
+    finished = start_dataset(out_root, RECORD_NAME, "kit.mix", _FOLDERS, parameters, LEGACY_RECORD_NAME)
     if finished is not None:
         return finished
 
@@ -420,7 +421,7 @@ def mix_dataset(
     writer.writerows(rows)
     write_text_atomic(out_root / CLIPS_CSV_NAME, buffer.getvalue())
     summary = {**parameters, "complete": True, "clips": len(clips)}
-    write_text_atomic(out_root / MANIFEST_NAME, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_root / RECORD_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -433,15 +434,15 @@ def _output_gains(out_root: str, mtime_ns: int) -> dict[str, float]:
 def clean_near(out_root: str | os.PathLike, clip_path: str | os.PathLike) -> np.ndarray:
     """The machine part of a kit.mix clip's near channel: its mono source clip times its output gain."""
     out_root = Path(out_root)
-    manifest = read_dataset_manifest(out_root, MANIFEST_NAME, "kit.mix", _FOLDERS)
-    if manifest is None or not manifest.get("complete"):
-        raise ValueError(f"{out_root} is not a finished kit.mix dataset (no complete {MANIFEST_NAME})")
+    record = read_dataset_record(out_root, RECORD_NAME, "kit.mix", _FOLDERS, LEGACY_RECORD_NAME)
+    if record is None or not record.get("complete"):
+        raise ValueError(f"{out_root} is not a finished kit.mix dataset (no complete {RECORD_NAME})")
     table = out_root / CLIPS_CSV_NAME
     relative = Path(clip_path).resolve().relative_to(out_root.resolve()).as_posix()
     gains = _output_gains(str(out_root.resolve()), table.stat().st_mtime_ns)
     if relative not in gains:
         raise ValueError(f"{clip_path}: not a clip of the kit.mix dataset at {out_root}")
-    source = Path(manifest["mono_root"]) / relative
+    source = Path(record["mono_root"]) / relative
     if not source.exists():
         raise FileNotFoundError(f"{source}: the mono clip {clip_path} was mixed from is gone")
     machine = read_clip(source) * np.float32(gains[relative])

@@ -93,7 +93,7 @@ def settings_of(cfg, channel: str) -> dict:
         "channel": channel,
     }
     if channel not in data.CHANNEL_INDEX:  # a canceller: its settings change the audio
-        settings["front_end_settings"] = dict((cfg.front_end_settings or {}).get(channel) or {})
+        settings["canceller_settings"] = dict((cfg.canceller_settings or {}).get(channel) or {})
     if cfg.pseudo_features == "backbone":
         settings.update(
             backbone=cfg.backbone,
@@ -174,7 +174,7 @@ def compute_features(
         model,
         clips.drop(columns=["channel"], errors="ignore"),
         channels=(channel,),
-        front_end_settings=cfg.front_end_settings,
+        canceller_settings=cfg.canceller_settings,
         batch_size=16,
         num_workers=cfg.num_workers,
         precision=cfg.precision,

@@ -1,6 +1,6 @@
 """Fine-tune a pretrained backbone into a machine-sound embedder with a proxy classification task.
 
-The recipe of both seed reports: backbone -> pooling head -> low-dimensional embedding, trained with an
+The method of both seed reports: backbone -> pooling head -> low-dimensional embedding, trained with an
 angular-margin loss (ArcFace and variants) to classify normal training clips by a label scheme
 (section, attributes, or the EAT-ASP composite label machine+section+attributes+domain+channel).
 
@@ -62,8 +62,9 @@ from kit.models import (
 
 @dataclass
 class TrainConfig:
-    """Every setting of a fine-tuning run: notebooks 02-04 pass their ``train`` mapping through
-    ``from_dict``, so every field can be set from a recipe or ``--set 02.train.FIELD=VALUE``.
+    """Every setting of a fine-tuning run: the training notebooks (02-07) pass their ``training``
+    mapping through ``from_dict``, so every field can be set from a recipe or
+    ``--set 02.training.FIELD=VALUE``. Its model part is :attr:`model` (a ``kit.models.ModelConfig``).
 
     The defaults are the one set of defaults of the toolkit: the embedded CPU run (small random-init
     backbones, 300 steps of 5-s crops). The report recipes in ``notebooks/recipes/`` set their own
@@ -96,7 +97,7 @@ class TrainConfig:
     pseudo_seed: int = 42
     pseudo_features: str = "backbone"  # the frozen pretrained backbone (log-mel without one) | logmel
     channels: tuple[str, ...] = ("near", "far")  # one item per (clip, channel); cancellers too (w1, ss, ...)
-    front_end_settings: dict = field(default_factory=dict)  # canceller name -> its settings (kit.denoise)
+    canceller_settings: dict = field(default_factory=dict)  # canceller name -> its settings (kit.denoise)
     mono_fallback: bool = False  # on mono data, leave out channels that need the far microphone
     train_datasets: tuple[str, ...] = ("dev", "eval")
     length_mode: str = "random_crop"  # or "pad_or_cut" (the EAT-ASP seed pads to 16 s)
@@ -168,7 +169,7 @@ class TrainConfig:
         lists the valid ones (a typo in a recipe must not be ignored)."""
         if not isinstance(values, dict):
             raise ValueError(f"training settings must be a mapping of TrainConfig fields, got {values!r}")
-        unknown = sorted(set(values) - set(cls.fields()) - {"amp"})
+        unknown = sorted(set(values) - set(cls.fields()) - {"amp", "front_end_settings"})
         if unknown:
             raise ValueError(f"unknown training setting(s) {unknown}; valid settings: {sorted(cls.fields())}")
         values = dict(values)
@@ -177,9 +178,10 @@ class TrainConfig:
                 values[key] = (values[key],) if isinstance(values[key], str) else tuple(values[key])
         if values.get("backbone_options") is None:
             values.pop("backbone_options", None)
-        for legacy, current in (("amp", "precision"),):  # configs saved by earlier versions
-            if legacy in values and current not in values:
-                values[current] = "auto" if values.pop(legacy) else "fp32"
+        if "amp" in values and "precision" not in values:  # configs saved by earlier versions
+            values["precision"] = "auto" if values.pop("amp") else "fp32"
+        if "front_end_settings" in values and "canceller_settings" not in values:  # the cancellers' old name
+            values["canceller_settings"] = values.pop("front_end_settings")
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -269,7 +271,7 @@ class TrainItems(Dataset):
 
     An item is ``(wave, valid, noise, noise_valid, label)``: ``valid`` counts the samples of ``wave``
     that are audio (a clip shorter than the crop is zero-padded after them), so the backbone masks
-    the padding; with ``mask_padding=False`` the padding counts as input (the EAT-ASP recipe). With
+    the padding; with ``mask_padding=False`` the padding counts as input (as in the EAT-ASP report). With
     ``reference`` (a backbone that takes a noise reference) it ends with ``reference, reference_valid``:
     the far channel of the same clip, cropped at the same place (drawn from the same seed)."""
 
@@ -280,10 +282,10 @@ class TrainItems(Dataset):
         length: data.LengthPolicy,
         noise_paths: list[str],
         mask_padding: bool = True,
-        front_end_settings: dict | None = None,
+        canceller_settings: dict | None = None,
         reference: bool = False,
     ):
-        self.front_end_settings = front_end_settings or {}
+        self.canceller_settings = canceller_settings or {}
         self.reference = reference
         self.paths = items["path"].tolist()
         self.channels = items["channel"].tolist()
@@ -297,7 +299,7 @@ class TrainItems(Dataset):
 
     def _crop(self, path: str, channel: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         wave, valid = data.read_clip(
-            path, channel, self.length, rng, front_end_settings=self.front_end_settings
+            path, channel, self.length, rng, canceller_settings=self.canceller_settings
         )
         return wave, (valid if self.mask_padding else wave.shape[-1])
 
@@ -607,7 +609,7 @@ def _warn_if_collapsed(
         length = data.LengthPolicy(mode="fixed_crop", seconds=cfg.crop_seconds, offset="center")
     clips = [
         data.read_clip(
-            items["path"].iloc[i], items["channel"].iloc[i], length, front_end_settings=cfg.front_end_settings
+            items["path"].iloc[i], items["channel"].iloc[i], length, canceller_settings=cfg.canceller_settings
         )
         for i in picks
     ]
@@ -675,7 +677,7 @@ def _loader(
         data.LengthPolicy(mode=cfg.length_mode, seconds=cfg.crop_seconds),
         noise_paths,
         cfg.mask_padding,
-        cfg.front_end_settings,
+        cfg.canceller_settings,
         reference,
     )
     sampler = StepBatches(

@@ -67,7 +67,7 @@ def _hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != mix.MANIFEST_NAME
+        if p.is_file() and p.name != mix.RECORD_NAME
     }
 
 
@@ -86,7 +86,7 @@ def test_writes_stereo_clips_under_the_same_names_with_the_attribute_tables(inpu
         assert info.frames == original.frames
     table = "dev_data/raw/ToyThing/attributes_00.csv"
     assert (mixed / table).read_bytes() == (mono / table).read_bytes()
-    manifest = json.loads((mixed / mix.MANIFEST_NAME).read_text())
+    manifest = json.loads((mixed / mix.RECORD_NAME).read_text())
     assert manifest["complete"] and manifest["clips"] == len(sources) and manifest["seed"] == 3
     assert [f[0] for f in manifest["noise_files"]] == ["hall/stereo.wav", "low_rate.wav", "short.wav"]
     assert not [p for p in mixed.rglob("*") if p.name.startswith(".")]  # no temporaries left
@@ -128,7 +128,7 @@ def test_idempotent_and_resumes_an_interrupted_run(inputs, tmp_path):
     victim = next((out / "dev_data/raw/ToyThing/test").iterdir())
     original, table = victim.read_bytes(), (out / mix.CLIPS_CSV_NAME).read_text()
     victim.unlink()
-    (out / mix.MANIFEST_NAME).write_text(json.dumps({**first, "complete": False}))
+    (out / mix.RECORD_NAME).write_text(json.dumps({**first, "complete": False}))
     survivor = out / "eval_data/raw/ToyOther/test/section_00_0000.wav"
     before = survivor.stat().st_mtime_ns
     assert mix.mix_dataset(mono, noise, out, progress=False) == first
@@ -205,7 +205,7 @@ def test_main_parses_ranges(inputs, tmp_path, capsys):
     mono, noise = inputs
     out = tmp_path / "cli"
     assert mix.main([str(mono), str(noise), str(out), "--seed", "2", "--near-snr-db", "3,4", "--quiet"]) == 0
-    manifest = json.loads((out / mix.MANIFEST_NAME).read_text())
+    manifest = json.loads((out / mix.RECORD_NAME).read_text())
     assert manifest["settings"]["near_snr_db"] == [3.0, 4.0] and manifest["seed"] == 2
     assert all(3.0 <= float(row["near_snr_db"]) <= 4.0 for row in _table(out).values())
     assert "14 stereo clips" in capsys.readouterr().out

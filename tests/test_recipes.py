@@ -236,7 +236,7 @@ def test_each_report_recipe_runs_end_to_end(recipe, small_root, checkpoints, aut
     assert submission.validate(zip_path, expected_files=expected) == []
     meta = yaml.safe_load((run_dir / "submission" / label / f"{label}.meta.yaml").read_text())
     run = manifest.read(run_dir)
-    fused = run["fusion"]["branches"]
+    fused = run["fusion"]["systems"]
     assert meta["system"]["description"]["ensemble_method_subsystem_count"] == (
         len(fused) if submitted[label] == "fusion" else 1
     )

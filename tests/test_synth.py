@@ -35,7 +35,7 @@ def _wav_files(root: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != synth.MANIFEST_NAME
+        if path.is_file() and path.name != synth.RECORD_NAME
     }
 
 
@@ -287,14 +287,19 @@ def test_idempotent_and_resumes_an_interrupted_run(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     assert synth.generate(root, **options) == first
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
-    # an interrupted run: manifest not complete, one clip missing
+    # an interrupted run: the record not complete, one clip missing
     victim = next((root / "eval_data/raw/SynBlower/test").iterdir())
     original = victim.read_bytes()
     victim.unlink()
-    manifest = json.loads((root / synth.MANIFEST_NAME).read_text())
-    (root / synth.MANIFEST_NAME).write_text(json.dumps({**manifest, "complete": False}))
+    manifest = json.loads((root / synth.RECORD_NAME).read_text())
+    (root / synth.RECORD_NAME).write_text(json.dumps({**manifest, "complete": False}))
     assert synth.generate(root, **options) == first
     assert victim.read_bytes() == original
+    # a dataset written when the record had its earlier name is still this dataset
+    clips = {p: p.stat().st_mtime_ns for p in root.rglob("*.wav")}
+    (root / synth.RECORD_NAME).rename(root / synth.LEGACY_RECORD_NAME)
+    assert synth.generate(root, **options) == first
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.wav")} == clips  # nothing written again
 
 
 def test_refuses_other_parameters_or_foreign_data(tmp_path):
@@ -309,7 +314,7 @@ def test_refuses_other_parameters_or_foreign_data(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         synth.generate(tmp_path / "file", **SMALL)
-    (root / synth.MANIFEST_NAME).write_text("{not json")
+    (root / synth.RECORD_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         synth.generate(root, workers=1, **{**SMALL, "machines": ["SynBlower"]})
 
@@ -368,8 +373,8 @@ def test_channels_of_a_mono_dataset_and_of_an_older_generator(dataset, tmp_path)
     assert synth_check.channel_names(mono) == ["clean", "near"]
     with pytest.raises(ValueError, match="needs a stereo clip"):
         synth_check.check(mono, channels=["far"], progress=False)
-    manifest = json.loads((mono / synth.MANIFEST_NAME).read_text())
-    (mono / synth.MANIFEST_NAME).write_text(json.dumps({**manifest, "generator_version": 1}))
+    manifest = json.loads((mono / synth.RECORD_NAME).read_text())
+    (mono / synth.RECORD_NAME).write_text(json.dumps({**manifest, "generator_version": 1}))
     with pytest.raises(ValueError, match="cannot be re-rendered"):
         synth_check.check(mono, channels=["clean"], progress=False)
     with pytest.raises(ValueError, match="unknown or no channels"):

@@ -492,7 +492,7 @@ def test_a_canceller_is_a_channel_like_any_other(tone_index, tmp_path):
         tmp_path,
         "x",
         channels=("near", "w1"),
-        front_end_settings={"w1": {"eps": 1e-2}},
+        canceller_settings={"w1": {"eps": 1e-2}},
         progress=False,
     )
     assert stronger[2] != folder and not np.allclose(stronger[1][3:], emb[3:])
@@ -671,3 +671,8 @@ def test_a_moved_model_folder_names_the_checkpoint_it_needs(tone_index, tmp_path
     torch.testing.assert_close(again, expected)
     with pytest.raises(ValueError, match="is not the checkpoint"):
         models.load_embedder(elsewhere, checkpoint=backbone_fixtures / "beats_variant.pt")
+
+
+def test_a_config_saved_with_the_old_canceller_settings_name_loads():
+    cfg = train.TrainConfig.from_dict({"front_end_settings": {"w1": {"eps": 0.01}}, "amp": False})
+    assert cfg.canceller_settings == {"w1": {"eps": 0.01}} and cfg.precision == "fp32"

@@ -16,7 +16,7 @@ Layout of the official model, with the checkpoint's parameter names:
 Differences from the official code, none of which changes its outputs on an unpadded clip:
 attention runs through ``scaled_dot_product_attention`` with the (gated) bias and the key padding
 folded into one float mask; the bucketed relative positions are computed once per sequence length;
-the front-end is batched (:func:`kit.frontends.kaldi_fbank`). And padding is exact: the token mask
+the front-end is batched (:func:`kit.features.kaldi_fbank`). And padding is exact: the token mask
 comes from each clip's own frame count and padded tokens are zeroed before the convolutional
 position embedding, so a clip's valid tokens are the same in a padded batch as alone (in the official
 code padding leaks into them through that convolution).
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kit import frontends
+from kit import features
 from kit.backbones import Backbone, CheckpointError, loading
 
 FBANK_MEAN = 15.41663
@@ -434,7 +434,7 @@ class BEATs(Backbone):
     def frontend(self, waves: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Normalised 128-bin Kaldi fbank [B, F, 128] of ``waves`` [B, T] (16 kHz, in [-1, 1]) and the
         frame count of each clip; rows beyond a clip's own frames are 0."""
-        fbank, n_frames = frontends.kaldi_fbank(
+        fbank, n_frames = features.kaldi_fbank(
             waves * 2**15,
             lengths,
             num_mel_bins=NUM_MEL_BINS,

@@ -1,4 +1,4 @@
-"""A compact dual-input CNN trained from scratch: the pre-foundation-model recipe of strong DCASE systems.
+"""A compact dual-input CNN trained from scratch: the pre-foundation-model method of strong DCASE systems.
 
 Before pretrained audio transformers, the best DCASE ASD systems trained a small network from random
 initialisation on the normal training clips alone, with an auxiliary classification of the clips'
@@ -57,7 +57,7 @@ import torchaudio
 from torch import nn
 
 from kit.backbones import Backbone, CheckpointError, loading
-from kit.backbones.logmel import (
+from kit.features import (
     POWER_FLOOR,
     SAMPLE_RATE,
     check_waves,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kit import frontends
+from kit import features
 from kit.backbones import Backbone, CheckpointError, layers, loading
 from kit.backbones.layers import sincos_positions
 
@@ -151,7 +151,7 @@ class EAT(Backbone):
         in_clip = torch.where(valid, waves, 0.0)
         means = in_clip.sum(dim=1, keepdim=True) / lengths[:, None].clamp(min=1)
         centred = torch.where(valid, in_clip - means, 0.0)
-        fbank, n_frames = frontends.kaldi_fbank(
+        fbank, n_frames = features.kaldi_fbank(
             centred,
             lengths,
             num_mel_bins=N_MELS,
@@ -163,10 +163,10 @@ class EAT(Backbone):
             use_energy=False,
         )
         kept = min(fbank.shape[1], self.target_length)
-        features = fbank.new_zeros(fbank.shape[0], self.target_length, N_MELS)
-        features[:, :kept] = fbank[:, :kept]
-        features = (features - FBANK_MEAN) / (2 * FBANK_STD)
-        return features[:, None], n_frames.clamp(max=self.target_length)
+        image = fbank.new_zeros(fbank.shape[0], self.target_length, N_MELS)
+        image[:, :kept] = fbank[:, :kept]
+        image = (image - FBANK_MEAN) / (2 * FBANK_STD)
+        return image[:, None], n_frames.clamp(max=self.target_length)
 
     def forward(
         self,

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kit.backbones import Backbone, CheckpointError, loading
-from kit.backbones.logmel import check_waves
+from kit.features import check_waves
 
 SAMPLE_RATE = 16000  # the toolkit's input rate
 MODEL_RATE = 32000  # the rate the released models were trained at

@@ -17,7 +17,7 @@ The parts, each one concern, read in this order (each imports only the ones abov
 - ``plan``: which clips a machine gets, their names and their seeds (``plan_machine``, ``clip_counts``).
 - ``render``: one clip's near and far channels: environment noise, noise paths, rooms, levels
   (``render_clip``).
-- ``dataset``: writing the clips, the tables and the manifest (``generate``); the command line.
+- ``dataset``: writing the clips, the tables and the dataset record (``generate``); the command line.
 
 Domains: the target domain uses attribute values (or hidden speeds) never seen in the source domain,
 another background (source: babble and mains hum dominate; target: traffic rumble and factory clanks)
@@ -35,7 +35,15 @@ most: 0.70 to 0.72), the whole-clip gain ``w1`` least where the far microphone h
 strongly.
 """
 
-from kit.synth.dataset import CLIPS_CSV_NAME, GENERATOR_VERSION, LAYOUTS, MANIFEST_NAME, generate, main
+from kit.synth.dataset import (
+    CLIPS_CSV_NAME,
+    GENERATOR_VERSION,
+    LAYOUTS,
+    LEGACY_RECORD_NAME,
+    RECORD_NAME,
+    generate,
+    main,
+)
 from kit.synth.machines import MACHINES, VALVE_PATTERNS, Attribute, MachineSpec
 from kit.synth.plan import (
     DOMAINS,
@@ -78,7 +86,8 @@ __all__ = [
     "LABELS",
     "LAYOUTS",
     "MACHINES",
-    "MANIFEST_NAME",
+    "LEGACY_RECORD_NAME",
+    "RECORD_NAME",
     "NOISE_KINDS",
     "NOISE_PATH_DELAY_S",
     "NOISE_PATH_RT60_S",

@@ -1,10 +1,10 @@
-"""Writing the synthetic dataset (``kit.synth``): clips, tables, manifest; ``python -m kit.synth ROOT``.
+"""Writing the synthetic dataset (``kit.synth``): clips, tables, its record; ``python -m kit.synth ROOT``.
 
 ``generate(root)`` writes every planned clip (16-bit WAV: stereo near/far for the ``2026`` layout, the
 near channel alone for ``mono``) in worker processes, then the tables: ``attributes_00.csv`` per
 machine, the evaluation ground truth in the organisers' evaluator layout
 (``eval_ground_truth/ground_truth_{data,domain,attributes}/``), ``synth_clips.csv`` (each clip's domain,
-attributes, anomaly kind and severity) and ``synth_manifest.json`` (the parameters and a summary). Every
+attributes, anomaly kind and severity) and ``synth_dataset.json`` (the parameters and a summary). Every
 file is written atomically, so an interrupted run resumes where it stopped, and a finished dataset with
 the same parameters is not written again.
 """
@@ -33,7 +33,8 @@ from kit.synth.signals import SAMPLE_RATE
 
 GENERATOR_VERSION = 2
 LAYOUTS = ("2026", "mono")
-MANIFEST_NAME = "synth_manifest.json"
+RECORD_NAME = "synth_dataset.json"
+LEGACY_RECORD_NAME = "synth_manifest.json"  # its name before kit 2026-12
 _FOLDERS = ("dev_data", "eval_data", "eval_ground_truth")  # what a dataset root holds
 CLIPS_CSV_NAME = "synth_clips.csv"
 
@@ -150,7 +151,7 @@ def generate(
     workers: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write the synthetic dataset under ``root`` and return its summary (also in ``synth_manifest.json``).
+    """Write the synthetic dataset under ``root`` and return its summary (also in ``synth_dataset.json``).
 
     ``layout="2026"`` writes stereo near/far clips; ``"mono"`` the 2023-style mono clips (near channel).
     ``machines`` picks a subset of ``MACHINES`` (default: all). ``workers`` processes write clips in
@@ -177,7 +178,7 @@ def generate(
         )
     parameters = _parameters(int(seed), scale, layout, machines)
 
-    finished = start_dataset(root, MANIFEST_NAME, "kit.synth", _FOLDERS, parameters)
+    finished = start_dataset(root, RECORD_NAME, "kit.synth", _FOLDERS, parameters, LEGACY_RECORD_NAME)
     if finished is not None:
         return finished
 
@@ -225,7 +226,7 @@ def generate(
         ),
     }
     text = json.dumps(summary, indent=2) + "\n"
-    write_text_atomic(root / MANIFEST_NAME, text)
+    write_text_atomic(root / RECORD_NAME, text)
     return json.loads(text)
 
 

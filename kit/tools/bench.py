@@ -102,16 +102,16 @@ def looped_fbank(waves, lengths=None, **options):
 @contextlib.contextmanager
 def eager_mode():
     """Swap in the eager reference pieces for the duration of the block."""
-    from kit import frontends
+    from kit import features
 
-    saved = (F.scaled_dot_product_attention, frontends.kaldi_fbank)
+    saved = (F.scaled_dot_product_attention, features.kaldi_fbank)
     F.scaled_dot_product_attention = eager_attention
     torch.nn.functional.scaled_dot_product_attention = eager_attention
-    frontends.kaldi_fbank = looped_fbank
+    features.kaldi_fbank = looped_fbank
     try:
         yield
     finally:
-        F.scaled_dot_product_attention, frontends.kaldi_fbank = saved
+        F.scaled_dot_product_attention, features.kaldi_fbank = saved
         torch.nn.functional.scaled_dot_product_attention = saved[0]
 
 

@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 import torchaudio.compliance.kaldi as ta_kaldi
 
-from kit.frontends import kaldi_fbank
+from kit.features import kaldi_fbank
 
 BEATS = dict(num_mel_bins=128, sample_frequency=16000, frame_length=25, frame_shift=10)
 EAT = dict(

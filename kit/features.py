@@ -1,4 +1,11 @@
-"""Batched Kaldi-compatible log-mel filterbank front-end shared by the backbones.
+"""Features: the spectrogram front-ends the backbones share (each backbone's own, such as FISHER's
+log-spectrum or EfficientAT's mel, stays in its file; the far-channel cancellers are kit.denoise).
+
+- :func:`kaldi_fbank`: the batched Kaldi-compatible log-mel filterbank of BEATs and EAT;
+- :func:`masked_log_mel`: the log-mel (dB) of the logmel and cnn backbones, with :func:`check_waves`,
+  :func:`frame_counts` and :func:`power_frames`.
+
+Batched Kaldi-compatible log-mel filterbank:
 
 BEATs and EAT were trained on ``torchaudio.compliance.kaldi.fbank`` features, and that function takes
 one clip at a time (a Python loop over the batch, one small FFT per clip). :func:`kaldi_fbank` computes
@@ -21,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchaudio.compliance.kaldi import get_mel_banks
 
+SAMPLE_RATE = 16000
+POWER_FLOOR = 1e-10  # added to the mel power before the log
 WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")
 BLACKMAN_COEFF = 0.42  # torchaudio's default; the only value this front-end offers
 
@@ -222,3 +231,71 @@ def _mel_matrix(num_mel_bins: int, fft_size: int, sample_frequency: float, low: 
     """[fft_size // 2 + 1, num_mel_bins] triangular filters (the Nyquist bin gets weight 0, as in Kaldi)."""
     banks, _ = get_mel_banks(num_mel_bins, fft_size, sample_frequency, low, high, 100.0, -500.0, 1.0)
     return F.pad(banks, (0, 1)).T.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# The log-mel (dB) of the logmel and cnn backbones
+# --------------------------------------------------------------------------------------------------
+def check_waves(waves, lengths, min_samples: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a batch ``waves [B, S]`` / ``lengths [B]`` (None: every clip is S samples long).
+
+    Raises ValueError naming the problem: not a 2-D float tensor, NaN/inf samples, lengths of the
+    wrong shape or beyond S, a clip shorter than ``min_samples``."""
+    if not torch.is_tensor(waves) or waves.dim() != 2 or not waves.is_floating_point():
+        shape = tuple(waves.shape) if torch.is_tensor(waves) else type(waves).__name__
+        raise ValueError(f"{who} expects float waves of shape [batch, samples] at 16 kHz, got {shape}")
+    if not bool(torch.isfinite(waves).all()):
+        bad = (~torch.isfinite(waves)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"{who}: input waves hold NaN or infinite samples (clips {bad} of the batch)")
+    batch, samples = waves.shape
+    if lengths is None:
+        lengths = torch.full((batch,), samples, dtype=torch.long, device=waves.device)
+    lengths = torch.as_tensor(lengths, device=waves.device).long()
+    if lengths.shape != (batch,):
+        raise ValueError(f"{who}: lengths must have shape [{batch}], got {tuple(lengths.shape)}")
+    if bool((lengths > samples).any()):
+        raise ValueError(f"{who}: lengths {lengths.tolist()} exceed the {samples} samples of the waves")
+    if bool((lengths < min_samples).any()):
+        short = (lengths < min_samples).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{who}: clips {short} of the batch are shorter than {min_samples} samples "
+            f"({min_samples / SAMPLE_RATE:.3f} s), the shortest input this configuration accepts "
+            f"(lengths {lengths.tolist()})"
+        )
+    return waves.float(), lengths
+
+
+def frame_counts(lengths: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """STFT frames that lie entirely inside a clip of ``lengths`` samples (``center=False``)."""
+    return torch.div(lengths - n_fft, hop_length, rounding_mode="floor") + 1
+
+
+def power_frames(waves: torch.Tensor, window: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """Power STFT ``[B, T, n_fft // 2 + 1]`` of a batch, ``center=False`` (float32, no autocast)."""
+    with torch.autocast(waves.device.type, enabled=False):
+        spec = torch.stft(
+            waves.float(),
+            n_fft=n_fft,
+            hop_length=hop_length,
+            window=window.float(),
+            center=False,
+            return_complex=True,
+        )
+        return torch.view_as_real(spec).pow(2).sum(-1).transpose(1, 2)
+
+
+def masked_log_mel(
+    waves: torch.Tensor,
+    lengths: torch.Tensor,
+    window: torch.Tensor,
+    mel_filters: torch.Tensor,
+    n_fft: int,
+    hop_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel ``[B, T, n_mels]`` (dB) of checked waves and each clip's frame count ``[B]``; frames past
+    a clip's end are 0 (the front-end of the logmel and cnn backbones)."""
+    power = power_frames(waves, window, n_fft, hop_length)
+    logmel = 10.0 * torch.log10(power @ mel_filters.float() + POWER_FLOOR)
+    frames = frame_counts(lengths, n_fft, hop_length)
+    past_end = torch.arange(logmel.shape[1], device=logmel.device) >= frames[:, None]
+    return logmel.masked_fill(past_end[:, :, None], 0.0), frames
