@@ -251,13 +251,6 @@ _FAIRSEQ_RENAMES = (
 _HF_RENAMES = (("fixed_positional_encoder.positions", "positions"),)
 
 
-def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
-    for old, new in renames:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
-
-
 def _config_from_fields(fields: dict) -> EATConfig:
     """EATConfig from the fields shared by the fairseq ``cfg.model`` and the HF ``config.json``."""
     image = fields.get("modalities", {}).get("image", {})
@@ -329,7 +322,7 @@ def _fairseq_state(loaded: object) -> tuple[EATConfig, dict]:
         weights = {k.removeprefix("model."): v for k, v in weights.items() if not _CLASSIFIER_HEAD.match(k)}
     config = _config_from_fields(model_fields)
     state = {
-        _rename(key, _FAIRSEQ_RENAMES): value
+        loading.rename_prefix(key, _FAIRSEQ_RENAMES): value
         for key, value in weights.items()
         if not _PRETRAINING_ONLY.match(key)
     }
@@ -341,7 +334,7 @@ def _hf_state(folder: dict) -> tuple[EATConfig, dict]:
     _refuse_foreign(fields, list(weights))
     config = _config_from_fields(fields)
     state = {
-        _rename(key.removeprefix("model."), _HF_RENAMES): value
+        loading.rename_prefix(key.removeprefix("model."), _HF_RENAMES): value
         for key, value in weights.items()
         if not _CLASSIFIER_HEAD.match(key)
     }

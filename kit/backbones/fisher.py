@@ -365,15 +365,6 @@ _RELEASE_NAMES = (
 )
 
 
-def _rename(key: str) -> str:
-    """A release key in this module's names; keys without a mapping (``blocks.``, ``norm.``, and
-    anything unexpected) keep theirs, so the strict load names them as they are in the file."""
-    for old, new in _RELEASE_NAMES:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
-
-
 def _release_config(model_cfg: dict) -> FisherConfig:
     """The architecture in a FISHER release's ``cfg['model']``; refuses variants this module lacks."""
     image = model_cfg.get("modalities", {}).get("image", {})
@@ -455,7 +446,9 @@ def filter_state(raw: object) -> tuple[FisherConfig, dict]:
     if isinstance(raw, dict) and loading.HF_CONFIG in raw and loading.HF_WEIGHTS in raw:
         model_cfg = _hf_model_cfg(raw[loading.HF_CONFIG])
         state = _release_names(raw[loading.HF_WEIGHTS])
-        return _release_config(model_cfg), {_rename(key): value for key, value in state.items()}
+        return _release_config(model_cfg), {
+            loading.rename_prefix(key, _RELEASE_NAMES): value for key, value in state.items()
+        }
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise CheckpointError(
             f"not a FISHER checkpoint (expected a dict with 'cfg' and 'model'). {LAYOUTS_HELP}"
@@ -472,7 +465,9 @@ def filter_state(raw: object) -> tuple[FisherConfig, dict]:
             "cfg['model'] has no 'band_width': an EAT/data2vec checkpoint, not FISHER "
             "(load it with kit.backbones.load('eat', ...))"
         )
-    return _release_config(cfg["model"]), {_rename(key): value for key, value in state.items()}
+    return _release_config(cfg["model"]), {
+        loading.rename_prefix(key, _RELEASE_NAMES): value for key, value in state.items()
+    }
 
 
 def from_checkpoint(

@@ -186,6 +186,16 @@ def _torch_load(path: Path, backbone: str) -> object:
         ) from err
 
 
+def rename_prefix(key: str, renames) -> str:
+    """A release's key in this toolkit's names: the first ``(old, new)`` prefix of ``renames`` that
+    ``key`` starts with is replaced; a key without one keeps its name, so the strict load names it as
+    it is in the file."""
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
 def _listed(keys: list[str], limit: int = 10) -> str:
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"{keys[:limit]}{more}"
