@@ -21,6 +21,11 @@ def _save(fig, path):
     return fig
 
 
+def close(fig) -> None:
+    """Free a figure that is saved and not shown (a long run must not keep every figure open)."""
+    plt.close(fig)
+
+
 def training_curves(history: pd.DataFrame, path=None, title: str = "") -> plt.Figure:
     """Loss and proxy accuracy per step (with a moving average), and the learning rate."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))

@@ -172,8 +172,10 @@ def _knn_from_unit(
     test_self: np.ndarray | None = None,
     ref_origin: np.ndarray | None = None,
     ref_scale: np.ndarray | None = None,
+    euclidean: bool = False,
 ) -> np.ndarray:
-    """Mean cosine distance to the k nearest references, computed in row chunks.
+    """Mean cosine distance to the k nearest references, computed in row chunks (``euclidean``: the
+    mean squared Euclidean distance per dimension instead, of rows as they are).
 
     ``test_self[i]`` (or -1) names the clip test row i is; ``ref_origin[j]`` names the one or two
     clips reference j was made from (a real clip: itself twice; a SMOTE point: its two parents).
@@ -181,9 +183,15 @@ def _knn_from_unit(
     (> 0) divides every distance to reference j before the nearest are chosen (local density).
     """
     out = np.empty(len(test_unit), dtype=np.float64)
+    ref_norms = (ref_unit.astype(np.float64) ** 2).sum(axis=1) if euclidean else None
     for start in range(0, len(test_unit), _CHUNK_ROWS):
         stop = start + _CHUNK_ROWS
-        dist = 1.0 - test_unit[start:stop] @ ref_unit.T
+        if euclidean:
+            part = test_unit[start:stop].astype(np.float64)
+            dist = (part**2).sum(axis=1, keepdims=True) + ref_norms[None, :] - 2.0 * part @ ref_unit.T
+            dist /= ref_unit.shape[1]
+        else:
+            dist = 1.0 - test_unit[start:stop] @ ref_unit.T
         if ref_scale is not None:
             # Clip round-off first, so a scaled distance is never negative.
             dist = np.maximum(dist, 0.0) / ref_scale[None, :]
@@ -494,6 +502,7 @@ class KnnBackend(Backend):
 
     name = "knn"
     options = {"k": 1, "density_k": 1}
+    euclidean = False  # the cosine distance (a subclass may measure Euclidean distances instead)
     normalisations = (None, "domain_mean", "domain_zscore", "local_density")
     smote = True
 
@@ -514,7 +523,7 @@ class KnnBackend(Backend):
             references = np.concatenate([references, synthetic])
             origin = np.concatenate([origin, parents])
         self.origin = origin
-        self.ref_unit = _unit_rows("train_emb", references)
+        self.ref_unit = self._rows("train_emb", references)
         self.scale = None
         if normalisation == "local_density":
             _check_k(
@@ -524,7 +533,12 @@ class KnnBackend(Backend):
             )
             # Each reference's mean distance to its density_k nearest other references (itself left out).
             self.scale = _knn_from_unit(
-                self.ref_unit, self.ref_unit, density_k, np.arange(len(self.ref_unit)), origin
+                self.ref_unit,
+                self.ref_unit,
+                density_k,
+                np.arange(len(self.ref_unit)),
+                origin,
+                euclidean=self.euclidean,
             )
             if not (self.scale > 0).all():
                 raise DegenerateScoresError(
@@ -542,8 +556,12 @@ class KnnBackend(Backend):
             f"reference set of {self.n_real} clips (+{self.n_smote} SMOTE)",
         )
         return _knn_from_unit(
-            _unit_rows("test_emb", test), self.ref_unit, self.k, loo, self.origin, self.scale
+            self._rows("test_emb", test), self.ref_unit, self.k, loo, self.origin, self.scale, self.euclidean
         )
+
+    def _rows(self, name: str, x: np.ndarray) -> np.ndarray:
+        """What the distance sees: unit rows for the cosine, the rows as they are for Euclidean."""
+        return np.asarray(x, dtype=np.float32) if self.euclidean else _unit_rows(name, x)
 
 
 @register_backend
@@ -628,6 +646,40 @@ class BeamBackend(Backend):
                 block[:, rows, own[rows]] = np.inf  # leave-one-out: never its own reference
             out[start:stop] = block.min(axis=2).mean(axis=0, dtype=np.float64)
         return out
+
+
+@register_backend
+class WhitenedKnnBackend(KnnBackend):
+    """KNN after whitening: the references' mean is removed and their shrinkage covariance (as
+    Mahalanobis estimates it) made the identity, for references and test clips alike; then the mean
+    squared Euclidean distance (per dimension) to the ``k`` nearest references. Strong systems whiten
+    frozen pretrained embeddings before KNN: the directions along which normal clips vary most
+    (recording conditions, noise) no longer dominate, and a clip far out along a quiet direction is far
+    (a cosine would see only its direction). Mahalanobis is the same whitening with one Gaussian instead
+    of the nearest neighbours."""
+
+    name = "knn_white"
+    options = {"k": 1, "shrinkage": "ledoit_wolf"}
+    normalisations = (None,)
+    smote = False
+    euclidean = True
+
+    @classmethod
+    def check(cls, options, normalisation):
+        pass
+
+    def fit(self, references, *, normalisation=None, k=1, shrinkage="ledoit_wolf"):
+        gaussian = _ShrunkGaussian(np.asarray(references, dtype=np.float64), shrinkage)
+        self.mean, self.factor = gaussian.mean, gaussian.chol
+        return super().fit(self._whiten(references), normalisation=normalisation, k=k)
+
+    def _whiten(self, x: np.ndarray) -> np.ndarray:
+        # L^-1 (x - mean) for the shrinkage covariance C = L L^T: identity covariance under C
+        diff = (np.asarray(x, np.float64) - self.mean).T
+        return scipy.linalg.solve_triangular(self.factor, diff, lower=True, check_finite=False).T
+
+    def distances(self, test, loo=None):
+        return super().distances(self._whiten(test), loo)
 
 
 BACKENDS = tuple(REGISTRY)

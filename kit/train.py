@@ -841,7 +841,7 @@ def _export(out: Path, embedder: Embedder, history: list, cfg: TrainConfig, chec
     frame = pd.DataFrame(history)
     with atomic_path(out / "history.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    plots.training_curves(frame, out / "training_curves.png", title=cfg.name)
+    plots.close(plots.training_curves(frame, out / "training_curves.png", title=cfg.name))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m kit.train") -> None:

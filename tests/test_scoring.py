@@ -629,7 +629,7 @@ class _CentroidBackend(scoring.Backend):
 
 def test_a_registered_backend_is_scored_everywhere_with_its_own_options(monkeypatch):
     monkeypatch.setattr(scoring, "REGISTRY", dict(scoring.REGISTRY))
-    assert scoring.BACKENDS == ("knn", "mahalanobis", "beam")
+    assert scoring.BACKENDS == ("knn", "mahalanobis", "beam", "knn_white")
     scoring.register_backend(_CentroidBackend)
     with pytest.raises(ValueError, match="registered already"):
         scoring.register_backend(_CentroidBackend)
@@ -990,3 +990,25 @@ def test_a_residual_policy_can_name_its_own_far_gain():
     assert set(systems) == {"b-knn-residual", "b-knn-residual@0.5"}
     with pytest.raises(ValueError, match="expected residual@A with a number"):
         scoring.score_embeddings(items, emb, channel_policy="residual@half", progress=False)
+
+
+def test_whitened_knn_ignores_the_directions_where_normal_clips_vary_most():
+    """Normal clips vary widely along eight nuisance directions; anomalies move along a quiet one. Plain
+    cosine KNN is swamped by the nuisance; whitened (and Euclidean) the anomalies stand out."""
+    rng = np.random.default_rng(0)
+
+    def clips(n, shift):
+        x = np.concatenate([rng.normal(size=(n, 8)) * 2.0, rng.normal(size=(n, 8)) * 0.1], axis=1)
+        x[:, 0] += 3.0
+        x[:, 9] += shift  # the anomaly: a move along a quiet direction
+        return x
+
+    ref, test = clips(100, 0.0), np.concatenate([clips(50, 0.0), clips(50, 0.8)])
+    truth = np.r_[np.zeros(50), np.ones(50)]
+    domains = np.array(["source"] * 100)
+    plain = scoring.score_group(test, ref, domains, backend="knn")
+    white = scoring.score_group(test, ref, domains, backend="knn_white", shrinkage=0.01)  # little shrinkage
+    assert roc_auc_score(truth, white) > 0.95 and roc_auc_score(truth, plain) < 0.7
+    assert scoring.BACKENDS[:3] == ("knn", "mahalanobis", "beam") and "knn_white" in scoring.BACKENDS
+    with pytest.raises(ValueError, match="smote"):
+        scoring.score_group(test, ref, domains, backend="knn_white", smote=10)
