@@ -157,7 +157,7 @@ class TrainConfig:
 
     def differences(self, other: dict) -> list[str]:
         """The settings (other than ``EXECUTION_FIELDS``) whose values differ from a saved config."""
-        mine = self.to_dict()
+        mine, other = self.to_dict(), _current_names(other)
         keys = sorted((set(mine) | set(other)) - set(self.EXECUTION_FIELDS))
         # A setting added after the saved run was made counts as its default there.
         defaults = type(self)().to_dict()
@@ -178,10 +178,7 @@ class TrainConfig:
                 values[key] = (values[key],) if isinstance(values[key], str) else tuple(values[key])
         if values.get("backbone_options") is None:
             values.pop("backbone_options", None)
-        if "amp" in values and "precision" not in values:  # configs saved by earlier versions
-            values["precision"] = "auto" if values.pop("amp") else "fp32"
-        if "front_end_settings" in values and "canceller_settings" not in values:  # the cancellers' old name
-            values["canceller_settings"] = values.pop("front_end_settings")
+        values = _current_names(values)
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -225,6 +222,17 @@ class TrainConfig:
         for key in ("channels", "train_datasets", "noise_mix_snr"):
             out[key] = list(out[key])
         return out
+
+
+def _current_names(values: dict) -> dict:
+    """A config saved by an earlier version in today's names: ``amp`` became ``precision``, the
+    cancellers' ``front_end_settings`` became ``canceller_settings``."""
+    values = dict(values)
+    if "amp" in values and "precision" not in values:
+        values["precision"] = "auto" if values.pop("amp") else "fp32"
+    if "front_end_settings" in values and "canceller_settings" not in values:
+        values["canceller_settings"] = values.pop("front_end_settings")
+    return values
 
 
 def resolve_config(

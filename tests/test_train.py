@@ -676,3 +676,9 @@ def test_a_moved_model_folder_names_the_checkpoint_it_needs(tone_index, tmp_path
 def test_a_config_saved_with_the_old_canceller_settings_name_loads():
     cfg = train.TrainConfig.from_dict({"front_end_settings": {"w1": {"eps": 0.01}}, "amp": False})
     assert cfg.canceller_settings == {"w1": {"eps": 0.01}} and cfg.precision == "fp32"
+
+
+def test_a_run_saved_with_the_old_canceller_settings_name_resumes_as_the_same_settings():
+    cfg = train.TrainConfig(canceller_settings={"w1": {"eps": 0.01}})
+    saved = {("front_end_settings" if k == "canceller_settings" else k): v for k, v in cfg.to_dict().items()}
+    assert cfg.differences(saved) == []
