@@ -33,9 +33,10 @@ from kit.lora import add_lora
 MODES = ("full", "partial", "lora", "frozen")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelConfig:
-    """What model to build: the part of a training run's settings that defines the model."""
+    """What model to build: the part of a training run's settings that defines the model
+    (``kit.train.TrainConfig`` extends it with how to train it)."""
 
     backbone: str = "beats"
     checkpoint: str | None = None  # local path, HF repo id or URL; None = random-init `backbone_config`
@@ -51,7 +52,9 @@ class ModelConfig:
     lora_targets: str | None = (
         None  # regex of the modules LoRA adapts; None: the backbone's attention projections
     )
-    gradient_checkpointing: bool | None = None
+    gradient_checkpointing: bool | None = (
+        None  # None: kit.precision's rule (release size, long crops, < 24 GB GPU)
+    )
 
     @classmethod
     def fields(cls) -> list[str]:

@@ -61,30 +61,17 @@ from kit.models import (
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelConfig):
     """Every setting of a fine-tuning run: the training notebooks (02-07) pass their ``training``
     mapping through ``from_dict``, so every field can be set from a recipe or
-    ``--set 02.training.FIELD=VALUE``. Its model part is :attr:`model` (a ``kit.models.ModelConfig``).
+    ``--set 02.training.FIELD=VALUE``. It extends ``kit.models.ModelConfig`` (backbone, checkpoint,
+    head, mode, LoRA, ...: the model it trains, :attr:`model`) with how to train it.
 
     The defaults are the one set of defaults of the toolkit: the embedded CPU run (small random-init
     backbones, 300 steps of 5-s crops). The report recipes in ``notebooks/recipes/`` set their own
     values for everything that differs."""
 
     name: str = "beats"
-    backbone: str = "beats"
-    checkpoint: str | None = None  # local path, HF repo id or URL; None = random-init `backbone_config`
-    backbone_config: str | None = None
-    backbone_options: dict = field(default_factory=dict)
-    mode: str = "full"  # full | partial | lora | frozen
-    train_last_n: int = 2  # blocks trained in partial mode
-    lora_rank: int = 64
-    lora_alpha: float | None = None  # None: alpha = rank (scale 1)
-    lora_dropout: float = 0.0
-    lora_targets: str | None = (
-        None  # regex of the modules LoRA adapts; None: the backbone's attention projections
-    )
-    head: str = "asp"  # asp | mean | cls
-    embed_dim: int = 128
     loss: str = "arcface"  # arcface | subcenter | adacos | subcluster_adacos
     loss_s: float = 30.0
     loss_m: float = 0.3
@@ -119,9 +106,6 @@ class TrainConfig:
     noise_mix_prob: float = 0.0
     noise_mix_snr: tuple[float, float] = (5.0, 20.0)
     balance_machines: bool = True
-    gradient_checkpointing: bool | None = (
-        None  # None: kit.precision's rule (release size, long crops, < 24 GB GPU)
-    )
     precision: str = (
         "auto"  # auto | bf16 | fp16 | fp32 (kit.precision: bf16 on 8.0+ GPUs, fp16 + scaler on 7.x)
     )
