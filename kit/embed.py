@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from kit import data, heads, manifest
 from kit.files import atomic_path
+from kit.manifest import COLLAPSE_COSINE
 
 # "head": the embedder's own head, [N, D]; the others pool the backbone's grid tokens per band, [N, F, D]
 POOLINGS = ("head",) + heads.BAND_POOLINGS
@@ -312,9 +313,6 @@ class _DecodedBatches(torch.utils.data.Dataset):
             decoded[channel] = (waves, valid)
         reference = decoded["far"] if self.reference else None
         return rows, {c: decoded[c] for c in self.channels}, reference
-
-
-COLLAPSE_COSINE = 0.999  # mean cosine similarity between clips above which embeddings have collapsed
 
 
 def collapse_figure(emb: np.ndarray, sample: int = 512, seed: int = 0) -> float:

@@ -33,6 +33,9 @@ from kit.files import write_text_atomic
 FILE_NAME = "run.yaml"
 
 
+COLLAPSE_COSINE = 0.999  # mean cosine similarity between clips above which embeddings have collapsed
+
+
 def path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / FILE_NAME
 
@@ -62,20 +65,27 @@ def update(run_dir: str | os.PathLike, **sections) -> dict:
 
 
 def record_branch(run_dir: str | os.PathLike, name: str, **entry) -> dict:
-    """Record (or replace) branch ``name``: its backbone, model folder, embedding folder, ... and, when
-    its training used pseudo-labels (``kit.pseudolabels``), their file, settings and class counts."""
+    """Record (or replace) branch ``name``: its backbone, model folder, embedding folder, ... (a branch
+    made by a model whose training recorded itself with :func:`record_model` gets that record too:
+    e.g. the pseudo-labels it trained on)."""
     run_dir = Path(run_dir)
     entry = {
         key: relative(run_dir, value) if isinstance(value, Path) else value for key, value in entry.items()
     }
-    pseudo = run_dir / "pseudo_labels" / f"{name}.csv"
-    if pseudo.exists() and "pseudo_labels" not in entry:  # the KMeans classes its training used
-        from kit import pseudolabels
-
-        entry["pseudo_labels"] = {**pseudolabels.summary(pseudo), "file": relative(run_dir, pseudo)}
+    trained = (read(run_dir).get("models") or {}).get(entry.get("band_of", name)) or {}
+    entry = {**trained, **entry}
     branches = dict(read(run_dir).get("branches") or {})
     branches[name] = entry
     return update(run_dir, branches=branches)
+
+
+def record_model(run_dir: str | os.PathLike, name: str, **entry) -> dict:
+    """What the training of model ``name`` wants its branches to carry (``models: {name: ...}``),
+    e.g. ``pseudo_labels``: the file, settings and class counts of the KMeans labels it trained on."""
+    run_dir = Path(run_dir)
+    models = dict(read(run_dir).get("models") or {})
+    models[name] = {**(models.get(name) or {}), **entry}
+    return update(run_dir, models=models)
 
 
 def branch(run_dir: str | os.PathLike, name: str) -> dict:
@@ -152,8 +162,6 @@ def _parameters(content: dict, model: str) -> int | None:
 def notes(run_dir: str | os.PathLike, systems) -> dict[str, str]:
     """A note for every system whose branch's embeddings collapsed (``kit.embed.check_collapse``
     recorded ``collapse`` figures at extraction), for the results table: its score says nothing."""
-    from kit.embed import COLLAPSE_COSINE
-
     content = read(run_dir)
     found = {}
     for system in systems:

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from kit import data, losses, precision, pseudolabels
+from kit import data, losses, manifest, precision, pseudolabels
 from kit.augment import SpecAugment, mixup, noise_mix
 from kit.files import atomic_path, write_text_atomic
 from kit.lora import save_adapters
@@ -486,6 +486,13 @@ def train(
     items = training_items(index, cfg)
     if cfg.label_scheme in data.PSEUDO_SCHEMES:  # <run_dir>/pseudo_labels/<name>.csv: read, or made once
         items = pseudolabels.label_items(items, cfg, run_dir, place=place, progress=progress)
+        if place.rank == 0:  # run.yaml: the labels this model trained on, for its branches and the report
+            pseudo = pseudolabels.file_path(run_dir, cfg.name)
+            manifest.record_model(
+                run_dir,
+                cfg.name,
+                pseudo_labels={**pseudolabels.summary(pseudo), "file": manifest.relative(run_dir, pseudo)},
+            )
     codes, classes = data.make_labels(items, cfg.label_scheme)
     embedder = build_embedder(cfg.model)
     checkpointing = precision.use_gradient_checkpointing(
