@@ -361,7 +361,9 @@ def test_training_with_pseudo_labels_end_to_end(index, tmp_path, monkeypatch, sc
     out = train.train(index, cfg, tmp_path, progress=False)
     history = pd.read_csv(out / "history.csv")
     assert len(history) == cfg.steps and np.isfinite(history["loss"]).all()
-    manifest.record_branch(tmp_path, cfg.name, backbone="cnn", model_dir=out)  # its branch carries the model's record
+    manifest.record_branch(
+        tmp_path, cfg.name, backbone="cnn", model_dir=out
+    )  # its branch carries the model's record
     entry = manifest.branch(tmp_path, cfg.name)["pseudo_labels"]
     assert entry["file"] == "pseudo_labels/cnn_pseudo.csv" and entry["classes"] == (
         6 if scheme == "pseudo" else 3
