@@ -106,7 +106,14 @@ def test_only_missing_requirements_are_installed(tmp_path, monkeypatch):
 
 
 def test_the_package_is_installed_editable_once_from_this_checkout(tmp_path, monkeypatch):
-    """The venv's editable install points at this checkout: nothing to do; another clone gets one."""
+    """An editable install of this checkout: nothing to do; another clone gets one."""
+    # what `pip install -e REPO` leaves on sys.path (CI installs only requirements.txt)
+    site = tmp_path / "site"
+    info = site / f"{colab.DIST_NAME.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {colab.DIST_NAME}\nVersion: 0.1\n")
+    (info / "direct_url.json").write_text(json.dumps({"url": REPO.resolve().as_uri(), "dir_info": {"editable": True}}))
+    monkeypatch.syspath_prepend(str(site))
     calls = []
     monkeypatch.setattr(colab, "_pip", lambda *args: calls.append(args))
     assert colab.package_installed(REPO) and not colab.install_package(REPO)
