@@ -62,14 +62,16 @@ environment variables:
   RUN_DIR            run folder; default a new folder runs/<recipe>-<date>-<time> (same as --run-dir)
   BEATS_CHECKPOINT   pre-trained checkpoints the recipes use: a local path, a Hugging Face
   EAT_CHECKPOINT     repo id (e.g. worstchan/EAT-base_epoch30_pretrain) or a URL; the report
-  FISHER_CHECKPOINT  recipes refuse to run without theirs, the default recipe needs none
-  EFFICIENTAT_CHECKPOINT  EfficientAT release name (default mn04_as, downloaded once) or its .pt file
+  FISHER_CHECKPOINT  recipes refuse to run without theirs
+  EFFICIENTAT_CHECKPOINT  the default's pretrained model: an EfficientAT release name (default
+                     mn04_as: 4 MB, downloaded once into KIT_CACHE) or its .pt file (offline machines)
   NABEATS_CHECKPOINT the NA-BEATs recipes' .ckpt: a release name (dcase2026_nabeats_seed0, _seed1,
                      _seed2: downloaded from MERL's GitHub release), a local path or a URL
   NABEATS_BASE       its base BEATs_iter3.pt; unset: beside the checkpoint, in the cache, or downloaded
   TEAM_LABEL         submission label prefix: Smith_UNI gives Smith_UNI_task2_N (default Repro_Kit)
   KIT_AUTHORS        YAML file with the submission's authors (written into <label>.meta.yaml)
   KIT_KERNEL         Jupyter kernel the notebooks run in (same as --kernel; default: the notebooks' own)
+  KIT_CACHE          where downloaded checkpoints are kept (default ~/.cache/dcase2026-kit)
   PYTHON             interpreter run_all.sh uses (default .venv/bin/python, else python3)
 """
 

@@ -57,8 +57,9 @@ def test_checkpoint_from_a_url_is_cached(served, tmp_path, backbone_fixtures):
 
 
 def test_unreachable_sources_give_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(backbones.CheckpointError, match="cannot download checkpoint"):
+    with pytest.raises(backbones.CheckpointError, match="cannot download checkpoint") as err:
         backbones.resolve_checkpoint("http://127.0.0.1:9/none.pt", tmp_path)
+    assert f"copy it to {tmp_path / 'urls' / 'none.pt'}" in str(err.value)  # what to do offline
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(
         backbones.CheckpointError, match="cannot fetch Hugging Face repo 'worstchan/EAT-base'"

@@ -112,7 +112,9 @@ def test_the_package_is_installed_editable_once_from_this_checkout(tmp_path, mon
     info = site / f"{colab.DIST_NAME.replace('-', '_')}-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {colab.DIST_NAME}\nVersion: 0.1\n")
-    (info / "direct_url.json").write_text(json.dumps({"url": REPO.resolve().as_uri(), "dir_info": {"editable": True}}))
+    (info / "direct_url.json").write_text(
+        json.dumps({"url": REPO.resolve().as_uri(), "dir_info": {"editable": True}})
+    )
     monkeypatch.syspath_prepend(str(site))
     calls = []
     monkeypatch.setattr(colab, "_pip", lambda *args: calls.append(args))

@@ -164,7 +164,11 @@ def resolve_checkpoint(spec: str | os.PathLike, cache_dir: str | os.PathLike | N
         try:
             return fetch(text, target)
         except OSError as err:
-            raise CheckpointError(f"cannot download checkpoint {text} (offline?): {err}") from err
+            raise CheckpointError(
+                f"cannot download checkpoint {text} (offline?): {err}. On a machine without internet, "
+                f"download the file elsewhere, copy it to {target} (the cache) or give its local path "
+                "instead (the recipes' *_CHECKPOINT variables, ./run_all.sh --help)"
+            ) from err
     if looks_like_a_path(text):
         raise CheckpointNotFoundError(
             f"checkpoint file not found: {local} (resolved from {Path.cwd()}); a Hugging Face repo id "
