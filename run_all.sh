@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the numbered notebooks in order with papermill:  ./run_all.sh [RECIPE] [options]
-#   ./run_all.sh                  the embedded default (generated data, all three backbones in their
-#                                 small CPU configurations, scored, fused, submitted)
+#   ./run_all.sh                  the embedded default (generated data; the pretrained EfficientAT mn04
+#                                 fine-tuned and frozen, a CNN, log-mel statistics, the autoencoder;
+#                                 scored, fused, submitted)
 #   ./run_all.sh audiocc_1 --only 01,02     ./run_all.sh --set 02.steps=50     ./run_all.sh --list
 # Options and environment variables (DATA_ROOT, RUN_DIR, BEATS_CHECKPOINT, ...): ./run_all.sh --help.
 # The same command as `dcase-kit run` and `python -m kit.pipeline`: every option is parsed there.
