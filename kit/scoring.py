@@ -666,7 +666,7 @@ class WhitenedKnnBackend(KnnBackend):
 
     @classmethod
     def check(cls, options, normalisation):
-        pass
+        return  # KnnBackend's checks are for local_density, which this backend does not offer
 
     def fit(self, references, *, normalisation=None, k=1, shrinkage="ledoit_wolf"):
         gaussian = _ShrunkGaussian(np.asarray(references, dtype=np.float64), shrinkage)

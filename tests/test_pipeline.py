@@ -46,6 +46,40 @@ def test_bad_recipe_input_is_named(tmp_path):
     assert pipeline.main(["nope", "--run-dir", str(tmp_path / "r")]) == 2
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.skipif(
+    not os.environ.get("KIT_SLOW_TESTS"),
+    reason="the benchmark recipes take 2.5 and 8 minutes even at this tiny scale (every branch x backend x "
+    "channel policy); KIT_SLOW_TESTS=1 runs them (kept out of the default run so CI stays under 20 minutes)",
+)
+@pytest.mark.parametrize("recipe", ["benchmark", "benchmark_pretrained"])
+def test_the_benchmark_recipes_run_end_to_end(recipe, tmp_path, backbone_fixtures, monkeypatch):
+    """The recipes `kit.tools.benchmark` runs over seeds, at a tiny scale: every notebook, every
+    branch, backend and channel policy they state, and the systems their fusion names."""
+    monkeypatch.setenv(
+        "EFFICIENTAT_CHECKPOINT", str(backbone_fixtures / "efficientat" / "mn04_as_mAP_432.pt")
+    )
+    few = [f"{nb}.training.{key}" for nb in ("02", "03", "04") for key in ("steps=2", "batch_size=4")]
+    overrides = (
+        TINY + few + [f"01.embedded_root={tmp_path / 'embedded'}", f"10.submission_dir={tmp_path / 'subs'}"]
+    )
+    spec = pipeline.load_recipe(recipe)
+    present = {step["notebook"][:2] for step in spec["steps"]}
+    overrides = [o for o in overrides if o[:2] in present]  # the tiny settings of its own notebooks
+    run_dir = pipeline.run_recipe(recipe, "embedded", tmp_path / "run", overrides=overrides)
+    for step in spec["steps"]:
+        assert any(p.name.startswith(step["notebook"]) for p in (run_dir / "notebooks").iterdir()), step
+    systems = set(pd.read_csv(run_dir / "results.csv")["system"])
+    scoring_step, fusion_step = spec["steps"][-2]["params"], spec["steps"][-1]["params"]
+    assert set(fusion_step["fuse"]) <= systems and {"fusion", "fusion-mean"} <= systems
+    for branch in scoring_step["branches"]:  # every branch and backend scored (BEAM: per-band branches)
+        for backend in scoring_step["backends"]:
+            if backend != "beam" or branch.endswith(("_rdp", "_bmean")):
+                assert f"{branch}-{backend}-near" in systems
+    for policy in scoring_step["channel_policies"]:  # every policy, on the branches that have its channels
+        assert any(system.endswith(f"-{policy}") for system in systems), policy
+
+
 def write_notebook(path, parameters: str) -> None:
     """A notebook whose only cell is a papermill ``parameters`` cell."""
     cell = {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": parameters, "outputs": []}
